@@ -1,0 +1,1 @@
+"""Autograd rule for the forward operator (filled in by the operator work)."""

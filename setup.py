@@ -1,0 +1,32 @@
+"""Package metadata for inductor_flex.
+
+The Inductor lowering lives in ``lowering/`` and the Triton templates in ``templates/``
+at the top of the repository (see the design card); here they are mapped into the
+``inductor_flex`` namespace so that an installed copy is one importable package.
+"""
+from setuptools import setup
+
+setup(
+    name="inductor_flex",
+    version="0.1.0",
+    description="FlexAttention as a torch.compile Inductor plugin: fused, block-sparse, autotuned",
+    python_requires=">=3.10",
+    packages=[
+        "inductor_flex",
+        "inductor_flex.ops",
+        "inductor_flex.masks",
+        "inductor_flex.lowering",
+        "inductor_flex.templates",
+    ],
+    package_dir={
+        "inductor_flex": "inductor_flex",
+        "inductor_flex.lowering": "lowering",
+        "inductor_flex.templates": "templates",
+    },
+    package_data={"inductor_flex.templates": ["*.py.jinja"]},
+    install_requires=["torch>=2.11", "jinja2", "sympy"],
+    extras_require={"test": ["pytest", "expecttest", "hypothesis", "numpy"]},
+    entry_points={
+        "torch_dynamo_backends": ["inductor_flex = inductor_flex.backend:inductor_flex_backend"],
+    },
+)
