@@ -2,3 +2,101 @@
 import torch
 
 TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
+
+
+# --- Dynamo capture rule (inductor_flex/dynamo.py) -------------------------------------
+# Imported lazily: torch._dynamo is heavy and most importers of _compat do not need it.
+
+
+def dynamo_hop_variables_module():
+    """``torch._dynamo.variables.higher_order_ops`` (home of speculate_subgraph,
+    discard_graph_changes and TorchHigherOrderOperatorVariable in 2.11 and 2.13)."""
+    from torch._dynamo.variables import higher_order_ops
+
+    return higher_order_ops
+
+
+def dynamo_hop_variable_registry() -> dict:
+    """The dict Dynamo consults (by operator name) to pick a HOP's variable class."""
+    return dynamo_hop_variables_module()._hop_name_to_variable_class
+
+
+def hop_variable_splits_call_function() -> bool:
+    """True where TorchHigherOrderOperatorVariable.call_function does the torch-function
+    check and delegates to ``_call_function`` (the hook subclasses then override)."""
+    base = dynamo_hop_variables_module().TorchHigherOrderOperatorVariable
+    return "_call_function" in base.__dict__
+
+
+def dynamo_unsupported(*, gb_type: str, context: str, explanation: str, hints: list):
+    """Raise Dynamo's ``Unsupported`` (a graph break, or an error under fullgraph)."""
+    import inspect
+
+    from torch._dynamo import exc
+
+    unimplemented = exc.unimplemented
+    if "gb_type" not in inspect.signature(unimplemented).parameters:
+        unimplemented = exc.unimplemented_v2  # older name of the structured form
+    unimplemented(gb_type=gb_type, context=context, explanation=explanation, hints=hints)
+
+
+def dynamo_build_variable(tx, value):
+    """A source-less VariableTracker for a Python value."""
+    from torch._dynamo.variables.base import VariableTracker
+
+    if hasattr(VariableTracker, "build"):
+        return VariableTracker.build(tx, value)
+    from torch._dynamo.variables.builder import SourcelessBuilder
+
+    return SourcelessBuilder.create(tx, value)
+
+
+def dynamo_discard_graph_changes(tx):
+    """Context in which graph calls made through ``tx`` are thrown away afterwards (only
+    their example values survive): Dynamo's own helper where it has one, else the
+    throw-away subtracer that helper is made of."""
+    helper = getattr(dynamo_hop_variables_module(), "discard_graph_changes", None)
+    if helper is not None:
+        return helper(tx)
+    return tx.output.subtracer("subgraph_wrapper", None)
+
+
+# --- GPU forward template (lowering/forward.py) -------------------------------------------
+# Used only when lowering for CUDA; imported lazily so CPU-only installs never touch them.
+
+
+def make_triton_template(name: str, grid, source: str):
+    """A TritonTemplate whose inputs get frozen layouts as soon as the kernel reads their
+    strides. 2.13 spells that ``always_freeze_layout=True``; 2.11 has no such argument
+    (the lowering freezes the layouts itself before rendering)."""
+    import inspect
+
+    from torch._inductor.select_algorithm import TritonTemplate
+
+    extra = {}
+    if "always_freeze_layout" in inspect.signature(TritonTemplate.__init__).parameters:
+        extra["always_freeze_layout"] = True
+    return TritonTemplate(name=name, grid=grid, source=source, **extra)
+
+
+def autotune_result_node(result):
+    """``autotune_select_algorithm`` returns the chosen node in 2.11 and
+    ``(node, extra)`` in 2.13."""
+    return result[0] if isinstance(result, tuple) else result
+
+
+def float32_matmul_is_ieee() -> bool:
+    """Whether float32 matmuls must be exact float32 (no TF32), as cuBLAS would be."""
+    precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)
+    if precision in ("ieee", "tf32"):
+        return precision == "ieee"
+    return torch.get_float32_matmul_precision() == "highest"
+
+
+def triton_has_tensor_descriptors() -> bool:
+    """Whether this Triton builds TMA descriptors in-kernel (``tl.make_tensor_descriptor``)."""
+    try:
+        import triton.language as tl
+    except ImportError:
+        return False
+    return hasattr(tl, "make_tensor_descriptor")
