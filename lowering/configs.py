@@ -1,0 +1,251 @@
+"""Tile configurations for the fused forward kernel.
+
+A config is the launch shape of one kernel choice: the tile (``BLOCK_M`` query rows x
+``BLOCK_N`` keys per inner step), ``num_warps`` and ``num_stages`` (the software-pipelining
+depth of the K/V loads). Inductor compiles one choice per config and, when more than one
+survives, times them and keeps the fastest.
+
+- ``default_forward_config`` picks one config from the GPU generation (compute
+  capability), the dtype and the head dims; it is what an ordinary ``torch.compile`` uses.
+- ``autotune_forward_configs`` is the wider set tried under ``max_autotune``.
+- ``select_forward_configs`` applies the user's kernel options (``BLOCK_M``, ``BLOCK_N``,
+  ``num_warps``, ``num_stages``, each also with a ``fwd_`` prefix that takes precedence)
+  and drops configs whose tile does not divide the block mask's sparse block.
+
+Everything here is plain Python (no CUDA needed), so it is decided before launch and is
+unit-tested on the CPU.
+"""
+from dataclasses import dataclass, replace
+from typing import Mapping, Optional, Sequence, Tuple
+
+import torch
+
+# tl.dot needs at least 16 along every dimension.
+MIN_TILE = 16
+
+
+@dataclass(frozen=True)
+class ForwardConfig:
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    # Load K/V (and Q) through the TMA when the GPU and the tensors allow it (Hopper+).
+    tma: bool = False
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """The head dim as the kernel tiles it: the next power of 2, at least 16."""
+    return max(MIN_TILE, 1 << max(0, (int(head_dim) - 1).bit_length()))
+
+
+def _is_half(dtype: torch.dtype) -> bool:
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+def shared_memory_limit(capability: Tuple[int, int]) -> int:
+    """Bytes of shared memory one program may use on this GPU generation."""
+    if capability in ((9, 0), (10, 0), (10, 3)):
+        return 227 * 1024
+    if capability == (8, 0):
+        return 163 * 1024
+    if capability[0] >= 8:
+        return 99 * 1024
+    return 48 * 1024
+
+
+def estimated_shared_memory(config: ForwardConfig, dtype: torch.dtype, qk_head_dim: int,
+                            v_head_dim: int) -> int:
+    """Shared memory the tile needs, roughly: Q resident, K and V staged ``num_stages`` deep."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    dqk, dv = padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim)
+    staged = max(1, config.num_stages) * config.block_n * (dqk + dv)
+    return (config.block_m * dqk + staged) * itemsize
+
+
+def default_forward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
+                           v_head_dim: int, mask_free: bool = False) -> ForwardConfig:
+    """One good config for this GPU, dtype and head dims (what plain torch.compile runs).
+
+    ``mask_free``: no block needs mask_mod (only full blocks are listed), so the kernel has
+    no masked loop and its register budget allows a 128-row tile on one warpgroup.
+    """
+    head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
+    half = _is_half(dtype)
+    if capability[0] >= 9:  # Hopper and newer (wgmma: 64-row warpgroup instructions).
+        # Measured on H100 (docs/kernels.md): one warpgroup per tile, a shallow pipeline
+        # and TMA loads win at D=64 and D=128, with or without a mask.
+        if half:
+            if head_dim <= 64:
+                return ForwardConfig(64, 128, 4, 2, tma=True)
+            if head_dim <= 128:
+                return ForwardConfig(128, 64, 4, 2, tma=True)
+            return ForwardConfig(64, 64, 4, 2)
+        if head_dim <= 64:
+            return ForwardConfig(128, 32, 4, 3)
+        if head_dim <= 128:
+            return ForwardConfig(64, 32, 4, 3)
+        return ForwardConfig(32, 32, 4, 2)
+    if capability == (8, 0):
+        if half:
+            if head_dim <= 64:
+                return ForwardConfig(128, 64, 4, 3)
+            if head_dim <= 128:
+                return ForwardConfig(128, 64, 8, 3)
+            return ForwardConfig(64, 32, 4, 2)
+        if head_dim <= 64:
+            return ForwardConfig(128, 32, 4, 3)
+        if head_dim <= 128:
+            return ForwardConfig(64, 32, 4, 3)
+        return ForwardConfig(32, 32, 4, 2)
+    # Consumer parts and older generations: about 100 KB of shared memory.
+    if half:
+        if head_dim <= 64:
+            return ForwardConfig(128, 64, 4, 2)
+        if head_dim <= 128:
+            return ForwardConfig(64, 64, 4, 2)
+        return ForwardConfig(32, 32, 4, 2)
+    if head_dim <= 64:
+        return ForwardConfig(64, 32, 4, 2)
+    if head_dim <= 128:
+        return ForwardConfig(32, 32, 4, 2)
+    return ForwardConfig(32, 16, 4, 1)
+
+
+_AUTOTUNE_CANDIDATES = (
+    ForwardConfig(128, 64, 4, 2, tma=True),
+    ForwardConfig(128, 128, 4, 3, tma=True),
+    ForwardConfig(64, 128, 4, 3, tma=True),
+    ForwardConfig(128, 128, 8, 2, tma=True),
+    ForwardConfig(128, 128, 8, 2),
+    ForwardConfig(128, 128, 8, 3),
+    ForwardConfig(128, 64, 8, 3),
+    ForwardConfig(128, 64, 4, 3),
+    ForwardConfig(128, 128, 4, 2),
+    ForwardConfig(128, 32, 4, 3),
+    ForwardConfig(64, 128, 4, 3),
+    ForwardConfig(64, 64, 4, 3),
+    ForwardConfig(64, 32, 4, 3),
+    ForwardConfig(32, 32, 4, 2),
+)
+
+
+def autotune_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
+                             v_head_dim: int, mask_free: bool = False) -> list:
+    """The configs tried under max_autotune: the default first, then every candidate whose
+    staged tiles fit the GPU's shared memory."""
+    limit = shared_memory_limit(capability)
+    configs = [default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free)]
+    for config in _AUTOTUNE_CANDIDATES:
+        if config in configs:
+            continue
+        if estimated_shared_memory(config, dtype, qk_head_dim, v_head_dim) <= limit:
+            configs.append(config)
+    return configs
+
+
+# The launch fields a user may set through kernel_options, and the config field each sets.
+_OPTION_FIELDS = {
+    "BLOCK_M": "block_m",
+    "BLOCK_N": "block_n",
+    "num_warps": "num_warps",
+    "num_stages": "num_stages",
+}
+
+
+def tile_options(kernel_options: Mapping) -> dict:
+    """The launch fields the user fixed, by config field name. Keys are matched without
+    regard to case (the api upper-cases them); ``fwd_X`` wins over ``X``; ``bwd_X``
+    belongs to the backward and is ignored here."""
+    upper = {str(k).upper(): v for k, v in kernel_options.items()}
+    fixed = {}
+    for option, field in _OPTION_FIELDS.items():
+        for key in (option, "fwd_" + option):
+            value = upper.get(key.upper())
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"kernel option {key} must be a positive int, got {value!r}")
+            fixed[field] = int(value)
+    return fixed
+
+
+def _is_power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def tile_fits(config: ForwardConfig, sparse_q_block: int, sparse_kv_block: int) -> bool:
+    """Whether the kernel tile can walk the block mask: power-of-2 tiles of at least 16 that
+    divide the sparse blocks (so each tile lies in exactly one sparse block)."""
+    return (
+        _is_power_of_2(config.block_m) and _is_power_of_2(config.block_n)
+        and config.block_m >= MIN_TILE and config.block_n >= MIN_TILE
+        and sparse_q_block % config.block_m == 0
+        and sparse_kv_block % config.block_n == 0
+    )
+
+
+def _shrink_to_fit(config: ForwardConfig, sparse_q_block: int, sparse_kv_block: int
+                   ) -> Optional[ForwardConfig]:
+    """The default tile halved until it divides the sparse blocks, or None if it cannot."""
+    block_m, block_n = config.block_m, config.block_n
+    while block_m >= MIN_TILE and sparse_q_block % block_m:
+        block_m //= 2
+    while block_n >= MIN_TILE and sparse_kv_block % block_n:
+        block_n //= 2
+    shrunk = replace(config, block_m=block_m, block_n=block_n,
+                     num_warps=config.num_warps if block_m >= 128 else min(config.num_warps, 4))
+    return shrunk if tile_fits(shrunk, sparse_q_block, sparse_kv_block) else None
+
+
+def _check_user_tile(fixed: Mapping, sparse_q_block: int, sparse_kv_block: int) -> None:
+    for field, option, sparse, name in (("block_m", "BLOCK_M", sparse_q_block, "Q_BLOCK_SIZE"),
+                                        ("block_n", "BLOCK_N", sparse_kv_block, "KV_BLOCK_SIZE")):
+        if field not in fixed:
+            continue
+        size = fixed[field]
+        if not _is_power_of_2(size) or size < MIN_TILE or sparse % size:
+            raise ValueError(
+                f"kernel option {option}={size}: the tile must be a power of 2 of at least "
+                f"{MIN_TILE} that divides the block mask's {name}={sparse}")
+
+
+def select_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
+                           v_head_dim: int, sparse_q_block: int, sparse_kv_block: int,
+                           kernel_options: Mapping, max_autotune: bool,
+                           mask_free: bool = False) -> list:
+    """The configs to compile, after the user's options and the sparse-block rule.
+
+    - Options that fix a launch field apply to every config (duplicates merge).
+    - A tile size the user fixed must be a power of 2 of at least 16 dividing its sparse
+      block size; otherwise ``ValueError`` naming both.
+    - A candidate whose tile does not divide the sparse blocks is skipped under
+      max_autotune; the default tile is halved until it fits.
+    - An empty list means no tile can walk this block mask (e.g. sparse blocks under 16).
+    """
+    fixed = tile_options(kernel_options)
+    _check_user_tile(fixed, sparse_q_block, sparse_kv_block)
+    default = replace(default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free),
+                      **fixed)
+    candidates = [default]
+    if max_autotune:
+        candidates += [replace(c, **fixed) for c in autotune_forward_configs(
+            capability, dtype, qk_head_dim, v_head_dim, mask_free)]
+
+    chosen = []
+    for config in candidates:
+        if not tile_fits(config, sparse_q_block, sparse_kv_block):
+            if config is not default:
+                continue
+            config = _shrink_to_fit(config, sparse_q_block, sparse_kv_block)
+            if config is None:
+                continue
+        if config not in chosen:
+            chosen.append(config)
+    return chosen
+
+
+def configs_summary(configs: Sequence[ForwardConfig]) -> str:
+    """``BMxBN/wW/sS`` per config, for logs and error messages."""
+    return ", ".join(f"{c.block_m}x{c.block_n}/w{c.num_warps}/s{c.num_stages}{'/tma' if c.tma else ''}"
+                     for c in configs)

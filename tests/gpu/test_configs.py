@@ -1,0 +1,90 @@
+"""Tile-config selection for the forward kernel (plain Python: runs without a GPU)."""
+import pytest
+import torch
+
+from inductor_flex.lowering.configs import (
+    autotune_forward_configs,
+    default_forward_config,
+    estimated_shared_memory,
+    padded_head_dim,
+    select_forward_configs,
+    shared_memory_limit,
+    tile_fits,
+)
+
+HOPPER, AMPERE, ADA = (9, 0), (8, 0), (8, 9)
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+
+
+def test_padded_head_dim():
+    assert [padded_head_dim(d) for d in (1, 16, 17, 24, 64, 94, 121, 128, 256)] == \
+        [16, 16, 32, 32, 64, 128, 128, 128, 256]
+
+
+@pytest.mark.parametrize("capability", [HOPPER, AMPERE, ADA])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(16, 16), (64, 64), (64, 32), (94, 94), (128, 128), (256, 256)])
+def test_default_config_fits_the_gpu(capability, dtype, dims):
+    config = default_forward_config(capability, dtype, *dims)
+    assert tile_fits(config, 128, 128)
+    assert config.num_warps in (4, 8) and 1 <= config.num_stages <= 4
+    assert estimated_shared_memory(config, dtype, *dims) <= shared_memory_limit(capability)
+
+
+def test_hopper_half_precision_uses_wide_tiles_and_tma():
+    for mask_free in (False, True):
+        config = default_forward_config(HOPPER, torch.bfloat16, 128, 128, mask_free=mask_free)
+        assert config.block_m == 128 and config.block_n >= 64 and config.tma
+    # float32 and pre-Hopper GPUs never ask for TMA.
+    assert not default_forward_config(HOPPER, torch.float32, 128, 128).tma
+    assert not any(c.tma for c in autotune_forward_configs(AMPERE, torch.bfloat16, 128, 128)
+                   if c == default_forward_config(AMPERE, torch.bfloat16, 128, 128))
+
+
+@pytest.mark.parametrize("capability", [HOPPER, AMPERE, ADA])
+def test_autotune_set_starts_with_default_and_fits(capability):
+    configs = autotune_forward_configs(capability, torch.bfloat16, 128, 128)
+    assert configs[0] == default_forward_config(capability, torch.bfloat16, 128, 128)
+    assert len(set(configs)) == len(configs) > 1
+    for config in configs:
+        assert estimated_shared_memory(config, torch.bfloat16, 128, 128) <= shared_memory_limit(capability)
+
+
+def test_max_autotune_widens_the_set_and_skips_tiles_that_do_not_divide():
+    plain = select_forward_configs(HOPPER, torch.bfloat16, 64, 64, 128, 128, {}, max_autotune=False)
+    assert plain == [default_forward_config(HOPPER, torch.bfloat16, 64, 64)]
+    wide = select_forward_configs(HOPPER, torch.bfloat16, 64, 64, 128, 128, {}, max_autotune=True)
+    assert len(wide) > 3 and wide[0] == plain[0]
+    # A 64-key sparse block admits no BLOCK_N=128 candidate; the default shrinks to fit.
+    small = select_forward_configs(HOPPER, torch.bfloat16, 64, 64, 128, 64, {}, max_autotune=True)
+    assert small and all(64 % c.block_n == 0 for c in small)
+    assert small[0].block_n == 64
+
+
+def test_kernel_options_fix_launch_fields():
+    options = {"BLOCK_M": 32, "FWD_BLOCK_M": 64, "block_n": 32, "NUM_WARPS": 4,
+               "fwd_num_stages": 2, "BWD_BLOCK_M1": 16}
+    configs = select_forward_configs(HOPPER, torch.bfloat16, 64, 64, 128, 128, options,
+                                     max_autotune=True)
+    # Every launch field is fixed; only the TMA preference may still vary between choices.
+    assert {(c.block_m, c.block_n, c.num_warps, c.num_stages) for c in configs} == {(64, 32, 4, 2)}
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"BLOCK_N": 96}, "BLOCK_N=96"),
+    ({"fwd_BLOCK_M": 256}, "BLOCK_M=256"),
+    ({"BLOCK_M": 8}, "BLOCK_M=8"),
+    ({"num_warps": 0}, "num_warps"),
+    ({"BLOCK_N": "64"}, "BLOCK_N"),
+])
+def test_bad_tile_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        select_forward_configs(HOPPER, torch.bfloat16, 64, 64, 128, 128, options, max_autotune=False)
+
+
+def test_small_or_odd_sparse_blocks():
+    # 96 = 3 * 32: the tile shrinks to 32; blocks under 16 leave nothing (extern fallback).
+    odd = select_forward_configs(HOPPER, torch.bfloat16, 64, 64, 96, 96, {}, max_autotune=False)
+    assert [(c.block_m, c.block_n) for c in odd] == [(32, 32)]
+    assert odd[0].num_warps == 4
+    assert select_forward_configs(HOPPER, torch.bfloat16, 64, 64, 8, 8, {}, max_autotune=False) == []
