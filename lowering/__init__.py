@@ -5,6 +5,8 @@ One lowering per operator, chosen by device: CUDA gets the fused Triton template
 template does not cover, gets the extern call of the exact chunked implementation
 (``extern.py``).
 """
+import warnings
+
 from torch._inductor.lowering import register_lowering
 
 from inductor_flex.ops import inductor_flex_attention, inductor_flex_attention_backward
@@ -17,6 +19,11 @@ def register() -> None:
     global _registered
     if _registered:
         return
+    # Inductor's FX utilities warn about any operator taking graph-module arguments; our
+    # lowerings consume those subgraphs themselves, so the warning is noise to users.
+    warnings.filterwarnings(
+        "ignore", message="Please add support for subgraph args to function inductor_flex_attention"
+    )
     register_lowering(inductor_flex_attention, type_promotion_kind=None)(_lower_forward)
     register_lowering(inductor_flex_attention_backward, type_promotion_kind=None)(_lower_backward)
     _registered = True
