@@ -391,7 +391,8 @@ def test_mod_source_round_trip_lifts_constants():
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.where(q_idx >= kv_idx, score * table[kv_idx], -float("inf"))
 
-    from inductor_flex.ops.forward import index_with_tensors, mod_example_args
+    from inductor_flex._indexing import index_with_tensors
+    from inductor_flex.ops.forward import mod_example_args
 
     with index_with_tensors():
         graph = make_fx(score_mod)(*mod_example_args(torch.zeros(1)))

@@ -47,7 +47,9 @@ from torch._subclasses.functional_tensor import FunctionalTensor, disable_functi
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
 
 from .backward import inductor_flex_attention_backward
-from .forward import index_with_tensors, inductor_flex_attention, mod_example_args
+from inductor_flex._indexing import index_with_tensors
+
+from .forward import inductor_flex_attention, mod_example_args
 
 
 def _is_traced(tensors: Sequence[Tensor]) -> bool:

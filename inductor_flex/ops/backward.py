@@ -23,13 +23,14 @@ from torch._higher_order_ops.utils import register_fake
 from torch._ops import HigherOrderOperator
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
 
+from inductor_flex._indexing import index_with_tensors
+
 from .forward import (
     MASK_MOD_PREFIX,
     _is_functionalizing_pre_dispatch,
     check_mod_is_pure,
     empty_in_layout_of,
     functionalize_mod,
-    index_with_tensors,
     mod_example_args,
     replace_mask_mod,
     trace_mod_into,

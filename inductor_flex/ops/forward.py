@@ -14,8 +14,8 @@ Registrations made here:
 - autocast: inputs are cast to the autocast dtype, as scaled_dot_product_attention does.
 
 The autograd rule lives in ``autograd.py``. The small tracing helpers below
-(``mod_example_args``, ``index_with_tensors``, ``trace_mod_into``) are shared with the
-backward operator and the autograd rule.
+(``mod_example_args``, ``trace_mod_into``) are shared with the backward operator and the
+autograd rule; mods are traced under ``inductor_flex._indexing.index_with_tensors``.
 """
 from typing import Any, Callable, Sequence
 
@@ -32,7 +32,8 @@ from torch._higher_order_ops.utils import (
 )
 from torch._ops import HigherOrderOperator
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
-from torch.overrides import TorchFunctionMode
+
+from inductor_flex._indexing import index_with_tensors
 
 
 class InductorFlexAttention(HigherOrderOperator):
@@ -84,29 +85,6 @@ def mod_example_args(query: Tensor, with_score: bool = True) -> list[Tensor]:
     then int32 ``b, h, q_idx, kv_idx``, all on the query's device."""
     indices = [query.new_zeros((), dtype=torch.int32) for _ in range(4)]
     return ([query.new_zeros(())] if with_score else []) + indices
-
-
-class index_with_tensors(TorchFunctionMode):
-    """Make ``t[idx]`` with 0-d tensor indices trace as one ``aten.index`` call.
-
-    By default indexing with a 0-d integer tensor reads its value as a Python int, which a
-    tracer cannot do (it is data-dependent). Mods index captured tensors with their scalar
-    ``b, h, q_idx, kv_idx`` all the time (``bias[h]``), so while tracing one we turn
-    such indexing into advanced indexing, which traces, vmaps and differentiates.
-    """
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is Tensor.__getitem__:
-            source, index = args
-            parts = index if isinstance(index, tuple) else (index,)
-            if (any(isinstance(p, Tensor) for p in parts)
-                    and all(isinstance(p, (Tensor, int)) and not isinstance(p, bool) for p in parts)):
-                as_tensors = [p if isinstance(p, Tensor)
-                              else torch.tensor(p, dtype=torch.int64, device=source.device)
-                              for p in parts]
-                return torch.ops.aten.index.Tensor(source, as_tensors)
-        return func(*args, **kwargs)
 
 
 def trace_mod_into(mode: ProxyTorchDispatchMode, mod: Callable, example_args: Sequence[Any],
