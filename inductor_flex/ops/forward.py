@@ -40,6 +40,10 @@ class InductorFlexAttention(HigherOrderOperator):
     def __init__(self) -> None:
         super().__init__("inductor_flex_attention")
 
+    # After a graph break Dynamo would otherwise trace into the eager implementation
+    # (dense math, autograd rule); compiled code reaches the operator through its
+    # capture rule instead, which does not go through this method.
+    @torch._disable_dynamo(recursive=True)
     def __call__(self, query, key, value, score_mod, block_mask, scale, kernel_options,
                  score_mod_other_buffers=(), mask_mod_other_buffers=()):
         return super().__call__(query, key, value, score_mod, block_mask, scale, kernel_options,
