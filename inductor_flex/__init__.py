@@ -1,6 +1,6 @@
 """inductor_flex: FlexAttention as a torch.compile Inductor plugin.
 
-The public names are those of ``torch.nn.attention.flex_attention``, so swapping one
+The public names are those of PyTorch's built-in FlexAttention module, so swapping one
 import is enough. Importing the package registers the operators, their Dynamo capture
 rule and the Inductor lowering, so plain ``torch.compile`` works; the backend name
 ``"inductor_flex"`` selects Inductor with attention-friendly options.

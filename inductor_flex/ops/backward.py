@@ -27,13 +27,12 @@ from inductor_flex._indexing import index_with_tensors
 
 from .forward import (
     MASK_MOD_PREFIX,
-    _is_functionalizing_pre_dispatch,
-    check_mod_is_pure,
     empty_in_layout_of,
     functionalize_mod,
     mod_example_args,
     replace_mask_mod,
     trace_mod_into,
+    unwrap_and_check_mods,
 )
 
 FW_GRAPH_PREFIX = "flex_bw_score_mod"
@@ -255,17 +254,10 @@ def _backward_functionalize(ctx, query, key, value, out, logsumexp, grad_out, gr
                             score_mod_other_buffers=(), mask_mod_other_buffers=()):
     (query, key, value, out, logsumexp, grad_out, grad_logsumexp) = ctx.unwrap_tensors(
         (query, key, value, out, logsumexp, grad_out, grad_logsumexp))
-    block_mask = ctx.unwrap_tensors(tuple(block_mask))
-    score_mod_other_buffers = ctx.unwrap_tensors(tuple(score_mod_other_buffers))
-    mask_mod_other_buffers = ctx.unwrap_tensors(tuple(mask_mod_other_buffers))
+    block_mask, score_mod_other_buffers, mask_mod_other_buffers = unwrap_and_check_mods(
+        ctx, query, fw_graph, block_mask, score_mod_other_buffers, mask_mod_other_buffers)
     mask_mod = block_mask[-1]
     with ctx.redispatch_to_next():
-        pre_dispatch = _is_functionalizing_pre_dispatch(ctx)
-        check_mod_is_pure(fw_graph, "score_mod",
-                          mod_example_args(query) + list(score_mod_other_buffers), pre_dispatch)
-        check_mod_is_pure(mask_mod, "mask_mod",
-                          mod_example_args(query, with_score=False) + list(mask_mod_other_buffers),
-                          pre_dispatch)
         # The joint graph may write into tensors it created itself (a zero-filled gradient
         # it scatters into); functionalizing it turns those writes into pure ops.
         grads = inductor_flex_attention_backward(

@@ -184,21 +184,31 @@ def _forward_proxy(mode, query, key, value, score_mod, block_mask, scale, kernel
     return track_tensor_tree(example_out, out_proxy, constant=None, tracer=mode.tracer)
 
 
-@inductor_flex_attention.py_functionalize_impl
-def _forward_functionalize(ctx, query, key, value, score_mod, block_mask, scale, kernel_options,
-                           score_mod_other_buffers=(), mask_mod_other_buffers=()):
-    query, key, value = ctx.unwrap_tensors((query, key, value))
+def unwrap_and_check_mods(ctx, query, score_mod, block_mask, score_mod_other_buffers,
+                          mask_mod_other_buffers):
+    """Functionalization's common first step for both operators: unwrap the block mask and
+    the buffers, and refuse a score_mod / mask_mod that writes to its arguments."""
     block_mask = ctx.unwrap_tensors(tuple(block_mask))
     score_mod_other_buffers = ctx.unwrap_tensors(tuple(score_mod_other_buffers))
     mask_mod_other_buffers = ctx.unwrap_tensors(tuple(mask_mod_other_buffers))
-    mask_mod = block_mask[-1]
     with ctx.redispatch_to_next():
         pre_dispatch = _is_functionalizing_pre_dispatch(ctx)
         check_mod_is_pure(score_mod, "score_mod",
                           mod_example_args(query) + list(score_mod_other_buffers), pre_dispatch)
-        check_mod_is_pure(mask_mod, "mask_mod",
+        check_mod_is_pure(block_mask[-1], "mask_mod",
                           mod_example_args(query, with_score=False) + list(mask_mod_other_buffers),
                           pre_dispatch)
+    return block_mask, score_mod_other_buffers, mask_mod_other_buffers
+
+
+@inductor_flex_attention.py_functionalize_impl
+def _forward_functionalize(ctx, query, key, value, score_mod, block_mask, scale, kernel_options,
+                           score_mod_other_buffers=(), mask_mod_other_buffers=()):
+    query, key, value = ctx.unwrap_tensors((query, key, value))
+    block_mask, score_mod_other_buffers, mask_mod_other_buffers = unwrap_and_check_mods(
+        ctx, query, score_mod, block_mask, score_mod_other_buffers, mask_mod_other_buffers)
+    mask_mod = block_mask[-1]
+    with ctx.redispatch_to_next():
         outputs = inductor_flex_attention(
             query, key, value, functionalize_mod(ctx, score_mod),
             replace_mask_mod(block_mask, functionalize_mod(ctx, mask_mod)), scale, kernel_options,
