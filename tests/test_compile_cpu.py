@@ -18,6 +18,7 @@ import inductor_flex
 from inductor_flex import AuxRequest, create_block_mask, flex_attention
 from inductor_flex.ops import dense
 
+from test_dynamo import _Doubled
 from test_ops import causal, naive_attention
 
 inductor_flex.lowering.register()  # idempotent; the package import may already do it
@@ -218,31 +219,12 @@ def test_compiled_peak_memory_no_worse_than_eager(exact_resident_memory, monkeyp
     assert compiled_peak < score_matrix_bytes / 2, (compiled_peak, score_matrix_bytes)
 
 
-class _DoubledWithTripledGradient(torch.autograd.Function):
-    """2 * score with a backward (3 * grad) that is not its derivative: the gradient shows
-    whether the compiled backward used the mod's own rule."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(score):
-        return 2 * score
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, grad):
-        return 3 * grad
-
-
 def test_inductor_backward_uses_score_mod_custom_gradient():
     query, key, value, bias = make_inputs(torch.float32, q_heads=2, kv_heads=2, q_len=16, kv_len=16)
     bias = bias.detach()  # captured, no grad: eager keeps the user's mod as written
     block_mask = create_block_mask(causal, None, None, 16, 16, device="cpu", BLOCK_SIZE=8)
 
-    def attend(query, key, value, block_mask, doubled=_DoubledWithTripledGradient.apply):
+    def attend(query, key, value, block_mask, doubled=_Doubled.apply):
         def score_mod(score, b, h, q_idx, kv_idx):
             return doubled(score) + bias[h, q_idx, kv_idx]
 

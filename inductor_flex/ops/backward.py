@@ -26,12 +26,12 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_ten
 from inductor_flex._indexing import index_with_tensors
 
 from .forward import (
-    MASK_MOD_PREFIX,
     empty_in_layout_of,
     functionalize_mod,
     mod_example_args,
     replace_mask_mod,
     trace_mod_into,
+    trace_mods_into,
     unwrap_and_check_mods,
 )
 
@@ -230,17 +230,13 @@ def _backward_proxy(mode, query, key, value, out, logsumexp, grad_out, grad_logs
     example_out = inductor_flex_attention_backward(
         query, key, value, out, logsumexp, grad_out, grad_logsumexp, fw_graph, joint_graph,
         block_mask, scale, kernel_options, score_mod_other_buffers, mask_mod_other_buffers)
-    _, fw_gm = trace_mod_into(mode, fw_graph,
-                              mod_example_args(query) + list(score_mod_other_buffers),
-                              FW_GRAPH_PREFIX)
+    fw_gm, block_mask = trace_mods_into(mode, query, fw_graph, FW_GRAPH_PREFIX, block_mask,
+                                        score_mod_other_buffers, mask_mod_other_buffers)
     _, joint_gm = trace_mod_into(mode, joint_graph,
                                  joint_example_args(query) + list(score_mod_other_buffers),
                                  JOINT_GRAPH_PREFIX)
-    _, mask_gm = trace_mod_into(mode, block_mask[-1],
-                                mod_example_args(query, with_score=False) + list(mask_mod_other_buffers),
-                                MASK_MOD_PREFIX)
     node_args = (query, key, value, out, logsumexp, grad_out, grad_logsumexp, fw_gm, joint_gm,
-                 replace_mask_mod(block_mask, mask_gm), scale, kernel_options,
+                 block_mask, scale, kernel_options,
                  tuple(score_mod_other_buffers), tuple(mask_mod_other_buffers))
     proxy_args = pytree.tree_map(mode.tracer.unwrap_proxy, node_args)
     out_proxy = mode.tracer.create_proxy("call_function", inductor_flex_attention_backward,

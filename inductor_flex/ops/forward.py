@@ -102,6 +102,20 @@ def trace_mod_into(mode: ProxyTorchDispatchMode, mod: Callable, example_args: Se
     return name, graph
 
 
+def trace_mods_into(mode: ProxyTorchDispatchMode, query: Tensor, score_mod: Callable,
+                    score_prefix: str, block_mask: tuple, score_mod_other_buffers: Sequence[Any],
+                    mask_mod_other_buffers: Sequence[Any]) -> tuple[torch.fx.GraphModule, tuple]:
+    """Trace a score_mod and the block mask's mask_mod into the running make_fx session;
+    returns the score graph and the block mask tuple carrying the mask graph."""
+    _, score_graph = trace_mod_into(mode, score_mod,
+                                    mod_example_args(query) + list(score_mod_other_buffers),
+                                    score_prefix)
+    _, mask_graph = trace_mod_into(mode, block_mask[-1],
+                                   mod_example_args(query, with_score=False) + list(mask_mod_other_buffers),
+                                   MASK_MOD_PREFIX)
+    return score_graph, replace_mask_mod(block_mask, mask_graph)
+
+
 def check_mod_is_pure(mod: Callable, mod_name: str, example_args: Sequence[Any], pre_dispatch: bool) -> None:
     """Raise when ``mod`` writes to its arguments (the indices, score or captured buffers).
 
@@ -170,13 +184,9 @@ def _forward_proxy(mode, query, key, value, score_mod, block_mask, scale, kernel
     example_out = inductor_flex_attention(query, key, value, score_mod, block_mask, scale,
                                           kernel_options, score_mod_other_buffers,
                                           mask_mod_other_buffers)
-    _, score_graph = trace_mod_into(mode, score_mod,
-                                    mod_example_args(query) + list(score_mod_other_buffers),
-                                    SCORE_MOD_PREFIX)
-    _, mask_graph = trace_mod_into(mode, block_mask[-1],
-                                   mod_example_args(query, with_score=False) + list(mask_mod_other_buffers),
-                                   MASK_MOD_PREFIX)
-    node_args = (query, key, value, score_graph, replace_mask_mod(block_mask, mask_graph), scale,
+    score_graph, block_mask = trace_mods_into(mode, query, score_mod, SCORE_MOD_PREFIX, block_mask,
+                                              score_mod_other_buffers, mask_mod_other_buffers)
+    node_args = (query, key, value, score_graph, block_mask, scale,
                  kernel_options, tuple(score_mod_other_buffers), tuple(mask_mod_other_buffers))
     proxy_args = pytree.tree_map(mode.tracer.unwrap_proxy, node_args)
     out_proxy = mode.tracer.create_proxy("call_function", inductor_flex_attention, proxy_args, {},
