@@ -6,9 +6,18 @@ The math, straight from the definition (docs/internals.md):
     kept iff kv's block is full for q's block, or partial and mask_mod(b, h, q, kv)
     out = softmax(kept scores) @ value,   lse = log sum exp(kept scores)
 
-Scores are formed in float32 (float64 for float64 inputs). Query rows are processed in
-chunks, so the extra memory is O(chunk x KV_LEN), never the whole score matrix. A row that
-keeps nothing gets out 0, lse -inf, max_scores -inf, and zero gradients.
+Scores, softmax statistics and every accumulation are float32 (float64 for float64 inputs).
+For float16/bfloat16 inputs the two matrices that a plain eager program in that dtype would
+hand to a half-precision matmul are rounded to the input dtype first, as
+``softmax(scores).to(v.dtype) @ v`` does: the normalised probabilities P before ``P @ V``
+(and ``P^T @ dO`` in the backward), and the gradient of the raw score dS before
+``dS @ K`` and ``dS^T @ Q``. The products still accumulate in float32. This is also what a
+tensor-core attention kernel does, so a compiled kernel and this eager path carry errors of
+the same size. lse and max_scores never see the rounding.
+
+Query rows are processed in chunks, so the extra memory is O(chunk x KV_LEN), never the
+whole score matrix. A row that keeps nothing gets out 0, lse -inf, max_scores -inf, and
+zero gradients.
 
 Layout trick: the query heads that share a KV head (GQA), and the batch when key/value have
 batch 1, are stacked along the row dimension, so one batched matmul per KV head serves them
@@ -34,6 +43,18 @@ DEFAULT_SCORE_ELEMENTS_PER_CHUNK = 1 << 24
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _matmul_operand_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The dtype P and dS are rounded to before their matmuls, or None for no rounding."""
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
+def _round_in_place(tile: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
+    """Round ``tile`` (working dtype, owned by the caller) to ``dtype`` values, kept in place."""
+    if dtype is not None:
+        tile.copy_(tile.to(dtype))
+    return tile
 
 
 def default_chunk_rows(batch: int, q_heads: int, q_len: int, kv_len: int, q_block_size: int,
@@ -91,6 +112,7 @@ class _Problem:
         kv_batch, kv_heads, kv_len, _ = key.shape
         self.device = query.device
         self.dtype = _working_dtype(query.dtype)
+        self.operand_dtype = _matmul_operand_dtype(query.dtype)
         self.stacking = _RowStacking(batch, q_heads, kv_batch, kv_heads)
         # Converted once, not per chunk; a no-op for float32 inputs.
         self.key = key.to(self.dtype)
@@ -229,7 +251,13 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callab
         keep = problem.keep_mask(start, stop, q_idx)
         unnormalized, denominator, row_max, chunk_lse = problem.softmax_parts(modified, keep, chunk)
         del raw, modified, keep
-        chunk_out = torch.matmul(unnormalized, problem.value).div_(_nonzero_denominator(denominator))
+        if problem.operand_dtype is None:
+            chunk_out = torch.matmul(unnormalized, problem.value).div_(_nonzero_denominator(denominator))
+        else:
+            # The normalised probabilities are what gets rounded (the eager recipe), so
+            # normalise before the product.
+            probs = unnormalized.div_(_nonzero_denominator(denominator))
+            chunk_out = torch.matmul(_round_in_place(probs, problem.operand_dtype), problem.value)
         out[:, :, start:stop] = stacking.to_grid(chunk_out, chunk)
         lse[:, :, start:stop] = problem.rows_to_stat(chunk_lse, chunk)
         max_scores[:, :, start:stop] = problem.rows_to_stat(row_max, chunk)
@@ -258,10 +286,13 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
 
     Each chunk's probabilities are recomputed in the working precision (float64 for float64
     inputs) rather than read back from the float32 ``logsumexp``, so the result is exact to
-    that precision; ``out`` and ``logsumexp`` are accepted to match the operator's
-    signature. The softmax and matmul gradients are written out; the score_mod's own
-    gradient (with respect to its score and its buffers) comes from ``torch.func.vjp``,
-    which works whatever the surrounding grad mode or dispatch state.
+    that precision up to the float16/bfloat16 rounding of P (before ``P^T @ dO``) and of the
+    raw-score gradient dS (before ``dS @ K`` and ``dS^T @ Q``) that the module docstring
+    describes; the softmax gradient itself uses the unrounded P. ``out`` and ``logsumexp``
+    are accepted to match the operator's signature. The softmax and matmul gradients are
+    written out; the score_mod's own gradient (with respect to its score and its buffers)
+    comes from ``torch.func.vjp``, which works whatever the surrounding grad mode or
+    dispatch state.
     """
     del out, logsumexp
     buffers = tuple(score_mod_other_buffers)
@@ -314,6 +345,8 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
                 row_dot = row_dot - lse_rows.to(work)
             grad_scores.sub_(row_dot).mul_(probs)
             # Stacked rows already hold the GQA group (and a folded batch): one matmul sums them.
+            # probs is not needed unrounded any more.
+            _round_in_place(probs, problem.operand_dtype)
             grad_value_acc += torch.matmul(probs.transpose(-1, -2), grad_out_rows)
             del probs
 
@@ -323,6 +356,12 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
                 acc += grad
             # scores = scale * q_rows @ key^T; the scale goes on the small products.
             grad_raw = stacking.to_rows(grad_modified_input)
+            if problem.operand_dtype is not None:
+                # The vjp's result may be a view or broadcast: round through a half-size copy,
+                # not in place, and let the full-size original go before widening again.
+                grad_raw = grad_raw.to(problem.operand_dtype)
+                del grad_modified_input
+                grad_raw = grad_raw.to(work)
             grad_query[:, :, start:stop] = stacking.to_grid(
                 torch.matmul(grad_raw, problem.key).mul_(problem.scale), chunk).to(query.dtype)
             grad_key_acc += torch.matmul(grad_raw.transpose(-1, -2), q_rows).mul_(problem.scale)
