@@ -43,6 +43,13 @@ def _lower_forward(*args, **kwargs):
 
 
 def _lower_backward(*args, **kwargs):
+    query = args[0]
+    if query.get_device().type == "cuda":
+        from .backward import lower_backward
+
+        lowered = lower_backward(*args, **kwargs)
+        if lowered is not None:
+            return lowered
     from .extern import lower_backward_extern
 
     return lower_backward_extern(*args, **kwargs)

@@ -153,14 +153,15 @@ _OPTION_FIELDS = {
 }
 
 
-def tile_options(kernel_options: Mapping) -> dict:
+def tile_options(kernel_options: Mapping, fields: Mapping = _OPTION_FIELDS,
+                 prefix: str = "fwd_") -> dict:
     """The launch fields the user fixed, by config field name. Keys are matched without
-    regard to case (the api upper-cases them); ``fwd_X`` wins over ``X``; ``bwd_X``
-    belongs to the backward and is ignored here."""
+    regard to case (the api upper-cases them); ``<prefix>X`` wins over ``X`` (``fwd_`` for
+    the forward, ``bwd_`` for the backward; the other pass's prefix is ignored)."""
     upper = {str(k).upper(): v for k, v in kernel_options.items()}
     fixed = {}
-    for option, field in _OPTION_FIELDS.items():
-        for key in (option, "fwd_" + option):
+    for option, field in fields.items():
+        for key in (option, prefix + option):
             value = upper.get(key.upper())
             if value is None:
                 continue
@@ -249,3 +250,132 @@ def configs_summary(configs: Sequence[ForwardConfig]) -> str:
     """``BMxBN/wW/sS`` per config, for logs and error messages."""
     return ", ".join(f"{c.block_m}x{c.block_n}/w{c.num_warps}/s{c.num_stages}{'/tma' if c.tma else ''}"
                      for c in configs)
+
+
+# ---------------------------------------------------------------------------------------
+# The backward kernel
+# ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Launch shape of the backward kernel: dK/dV programs own ``block_n1`` keys and step
+    ``block_m1`` query rows at a time; dQ programs own ``block_m2`` rows and step
+    ``block_n2`` keys at a time."""
+    block_m1: int
+    block_n1: int
+    block_m2: int
+    block_n2: int
+    num_warps: int
+    num_stages: int
+
+
+_BACKWARD_OPTION_FIELDS = {
+    "BLOCK_M1": "block_m1",
+    "BLOCK_N1": "block_n1",
+    "BLOCK_M2": "block_m2",
+    "BLOCK_N2": "block_n2",
+    "num_warps": "num_warps",
+    "num_stages": "num_stages",
+}
+
+
+def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
+                            v_head_dim: int) -> BackwardConfig:
+    """One good backward config for this GPU, dtype and head dims.
+
+    The dK/dV programs keep k, v and float32 dk, dv resident, so their key tile (BLOCK_N1)
+    is the larger one and the query step (BLOCK_M1) small; dQ programs mirror that."""
+    head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
+    half = _is_half(dtype)
+    if capability[0] >= 8 and half:
+        if head_dim <= 64:
+            return BackwardConfig(64, 128, 128, 64, 8, 3)
+        if head_dim <= 128:
+            return BackwardConfig(64, 128, 128, 64, 8, 2)
+        return BackwardConfig(32, 64, 64, 32, 4, 1)
+    if capability[0] >= 8:
+        if head_dim <= 64:
+            return BackwardConfig(32, 64, 64, 32, 4, 2)
+        if head_dim <= 128:
+            return BackwardConfig(32, 64, 64, 32, 4, 1)
+        return BackwardConfig(16, 32, 32, 16, 4, 1)
+    if head_dim <= 64:
+        return BackwardConfig(32, 64, 64, 32, 4, 1)
+    return BackwardConfig(16, 32, 32, 16, 4, 1)
+
+
+_BACKWARD_CANDIDATES = (
+    BackwardConfig(64, 128, 128, 64, 8, 2),
+    BackwardConfig(64, 128, 128, 64, 8, 3),
+    BackwardConfig(32, 128, 128, 32, 4, 3),
+    BackwardConfig(64, 64, 64, 64, 4, 3),
+    BackwardConfig(32, 64, 64, 32, 4, 3),
+    BackwardConfig(64, 128, 128, 64, 4, 2),
+    BackwardConfig(32, 32, 32, 32, 4, 1),
+)
+
+
+def estimated_backward_shared_memory(config: BackwardConfig, dtype: torch.dtype,
+                                     qk_head_dim: int, v_head_dim: int) -> int:
+    """Shared memory of the staged loads, roughly: the larger of the two programs' needs."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    dqk, dv = padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim)
+    stages = max(1, config.num_stages)
+    dkdv = config.block_n1 * (dqk + dv) + stages * config.block_m1 * (dqk + dv)
+    dq = config.block_m2 * (dqk + dv) + stages * config.block_n2 * (dqk + dv)
+    return max(dkdv, dq) * itemsize
+
+
+def _backward_tile_fits(config: BackwardConfig, sparse_q_block: int, sparse_kv_block: int) -> bool:
+    tiles = ((config.block_m1, sparse_q_block), (config.block_n1, sparse_kv_block),
+             (config.block_m2, sparse_q_block), (config.block_n2, sparse_kv_block))
+    return all(_is_power_of_2(t) and t >= MIN_TILE and sparse % t == 0 for t, sparse in tiles)
+
+
+def _shrink_backward_to_fit(config: BackwardConfig, sparse_q_block: int,
+                            sparse_kv_block: int) -> Optional[BackwardConfig]:
+    def shrink(tile, sparse):
+        while tile >= MIN_TILE and sparse % tile:
+            tile //= 2
+        return tile
+    shrunk = replace(config, block_m1=shrink(config.block_m1, sparse_q_block),
+                     block_n1=shrink(config.block_n1, sparse_kv_block),
+                     block_m2=shrink(config.block_m2, sparse_q_block),
+                     block_n2=shrink(config.block_n2, sparse_kv_block))
+    return shrunk if _backward_tile_fits(shrunk, sparse_q_block, sparse_kv_block) else None
+
+
+def select_backward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
+                            v_head_dim: int, sparse_q_block: int, sparse_kv_block: int,
+                            kernel_options: Mapping, max_autotune: bool) -> list:
+    """The backward configs to compile; the rules of ``select_forward_configs`` with the
+    options ``BLOCK_M1``, ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``num_warps`` and
+    ``num_stages`` (each also with a ``bwd_`` prefix that takes precedence)."""
+    fixed = tile_options(kernel_options, _BACKWARD_OPTION_FIELDS, prefix="bwd_")
+    for option, field in _BACKWARD_OPTION_FIELDS.items():
+        if field not in fixed or not option.startswith("BLOCK"):
+            continue
+        sparse, name = ((sparse_q_block, "Q_BLOCK_SIZE") if option[-2] == "M"
+                        else (sparse_kv_block, "KV_BLOCK_SIZE"))
+        size = fixed[field]
+        if not _is_power_of_2(size) or size < MIN_TILE or sparse % size:
+            raise ValueError(
+                f"kernel option {option}={size}: the backward tile must be a power of 2 of at "
+                f"least {MIN_TILE} that divides the block mask's {name}={sparse}")
+    default = replace(default_backward_config(capability, dtype, qk_head_dim, v_head_dim), **fixed)
+    candidates = [default]
+    if max_autotune:
+        limit = shared_memory_limit(capability)
+        candidates += [replace(c, **fixed) for c in _BACKWARD_CANDIDATES
+                       if estimated_backward_shared_memory(c, dtype, qk_head_dim, v_head_dim) <= limit]
+    chosen = []
+    for config in candidates:
+        if not _backward_tile_fits(config, sparse_q_block, sparse_kv_block):
+            if config is not default:
+                continue
+            config = _shrink_backward_to_fit(config, sparse_q_block, sparse_kv_block)
+            if config is None:
+                continue
+        if config not in chosen:
+            chosen.append(config)
+    return chosen

@@ -67,33 +67,26 @@ def _single_output(outputs):
     return outputs
 
 
-def build_mod_buffer(mod: ir.Subgraph, placeholder_names: Sequence[str],
-                     placeholder_dtypes: Sequence[torch.dtype], buffers: Sequence,
-                     device: torch.device, approx_tanh: bool = False) -> ir.ComputedBuffer:
-    """Lower ``mod`` pointwise over scalar placeholders; return its output as a buffer for
-    ``modification``. Raises ``ModLoweringError`` if the graph needs more than one
-    pointwise expression (e.g. it would materialize an intermediate tensor)."""
+def _lower_pointwise(graph_module: torch.fx.GraphModule, inputs: Sequence, name: str,
+                     approx_tanh: bool) -> list:
+    """Run Inductor's pointwise lowering of ``graph_module`` on ``inputs``; its outputs."""
     from torch._inductor.subgraph_lowering import PointwiseSubgraphLowering
 
-    inputs = [_placeholder(name, dtype, device)
-              for name, dtype in zip(placeholder_names, placeholder_dtypes)]
-    inputs += list(buffers)
     additional = {aten.tanh.default: _approx_tanh} if approx_tanh else None
-    lowering = PointwiseSubgraphLowering(mod.graph_module, root_graph_lowering=V.graph,
+    lowering = PointwiseSubgraphLowering(graph_module, root_graph_lowering=V.graph,
                                          additional_lowerings=additional)
     try:
         with V.set_graph_handler(lowering):
             lowering.run(*inputs)
     except Exception as error:  # Inductor raises several types here; all mean "not inlinable".
-        raise ModLoweringError(f"cannot inline {mod.name}: {error}") from error
+        raise ModLoweringError(f"cannot inline {name}: {error}") from error
+    return lowering.graph_outputs
 
-    out = _single_output(lowering.graph_outputs)
-    if not isinstance(out, ir.IRNode):
-        raise ModLoweringError(f"{mod.name} returns {type(out).__name__}, not a tensor")
-    if len(out.get_size()) != 0:
-        raise ModLoweringError(f"{mod.name} must return a scalar, got shape {out.get_size()}")
-    # One scalar expression: whatever the output node is (a pointwise op, a placeholder,
-    # a constant, a captured buffer), re-wrap its loader so modification() can expand it.
+
+def _wrap_expression(out, device) -> ir.ComputedBuffer:
+    """A scalar IR value as the ComputedBuffer ``modification`` expands: whatever the node
+    is (a pointwise op, a placeholder, a constant, a captured buffer), its loader is
+    re-wrapped as one expression."""
     expression = ir.Pointwise(device=device, dtype=out.get_dtype(), inner_fn=out.make_loader(),
                               ranges=[])
     buffer = ir.ComputedBuffer(
@@ -103,6 +96,23 @@ def build_mod_buffer(mod: ir.Subgraph, placeholder_names: Sequence[str],
     )
     buffer.freeze_layout()
     return buffer
+
+
+def build_mod_buffer(mod: ir.Subgraph, placeholder_names: Sequence[str],
+                     placeholder_dtypes: Sequence[torch.dtype], buffers: Sequence,
+                     device: torch.device, approx_tanh: bool = False) -> ir.ComputedBuffer:
+    """Lower ``mod`` pointwise over scalar placeholders; return its output as a buffer for
+    ``modification``. Raises ``ModLoweringError`` if the graph needs more than one
+    pointwise expression (e.g. it would materialize an intermediate tensor)."""
+    inputs = [_placeholder(name, dtype, device)
+              for name, dtype in zip(placeholder_names, placeholder_dtypes)]
+    inputs += list(buffers)
+    out = _single_output(_lower_pointwise(mod.graph_module, inputs, mod.name, approx_tanh))
+    if not isinstance(out, ir.IRNode):
+        raise ModLoweringError(f"{mod.name} returns {type(out).__name__}, not a tensor")
+    if len(out.get_size()) != 0:
+        raise ModLoweringError(f"{mod.name} must return a scalar, got shape {out.get_size()}")
+    return _wrap_expression(out, device)
 
 
 def _output_arg(graph_module: torch.fx.GraphModule) -> Optional[torch.fx.Node]:
@@ -127,3 +137,152 @@ def graph_uses_op(mod: ir.Subgraph, targets) -> bool:
     """Whether any node of the mod's graph calls one of ``targets``."""
     return any(n.op == "call_function" and n.target in targets
                for n in mod.graph_module.graph.nodes)
+
+
+# ---------------------------------------------------------------------------------------
+# The joint graph: the score gradient, and captured-buffer gradients as atomic scatters
+# ---------------------------------------------------------------------------------------
+# The backward operator's joint graph maps (score, b, h, m, n, grad_score, *buffers) to
+# (gradient w.r.t. the pre-mod score, one gradient per buffer). Traced on 0-d examples, a
+# buffer gradient is "zeros of the buffer's shape with this score's contribution added at
+# the indices the mod read": ``index_put_(full(shape, 0), [i, j, ...], value, accumulate)``
+# (several such terms, chained or added, when the mod reads the buffer more than once).
+# Over the whole score grid the contributions sum, so the kernel adds each term's value at
+# its indices atomically into a float32 buffer. The terms are pulled apart on the FX graph,
+# their indices and values lowered as ordinary scalar expressions, and each term becomes an
+# ``ir.Scatter`` named after its float32 gradient buffer, which ``modification`` emits as
+# a masked ``tl.atomic_add``.
+
+JOINT_PLACEHOLDERS = SCORE_MOD_PLACEHOLDERS + ("grad_score",)
+
+_ZERO_FACTORIES = (aten.full.default, aten.zeros.default, aten.new_zeros.default,
+                   aten.zeros_like.default, aten.new_full.default)
+
+
+def _is_zero_tensor(node) -> bool:
+    if not isinstance(node, torch.fx.Node) or node.op != "call_function":
+        return False
+    if node.target in (aten.full.default, aten.new_full.default):
+        fill = node.args[1] if node.target is aten.full.default else node.args[2]
+        return fill == 0
+    return node.target in _ZERO_FACTORIES
+
+
+def _scatter_terms(node) -> list:
+    """[(index nodes, value node)] whose accumulation is the buffer gradient ``node``."""
+    if node.op == "call_function":
+        if node.target in (aten.index_put_.default, aten.index_put.default):
+            base, indices, values = node.args[:3]
+            if any(i is None for i in indices):
+                raise ModLoweringError("a buffer gradient scatters along a slice")
+            base_terms = [] if _is_zero_tensor(base) else _scatter_terms(base)
+            return base_terms + [(list(indices), values)]
+        if node.target is aten.add.Tensor and all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
+            return _scatter_terms(node.args[0]) + _scatter_terms(node.args[1])
+        if _is_zero_tensor(node):
+            return []
+    # A plain scalar: the whole contribution to a 0-d buffer.
+    return [([], node)]
+
+
+def _graph_of_outputs(graph_module: torch.fx.GraphModule, outputs: list) -> torch.fx.GraphModule:
+    """A graph with the same placeholders computing only ``outputs`` (a flat tuple)."""
+    needed = set()
+    stack = list(outputs)
+    while stack:
+        node = stack.pop()
+        if node in needed:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    graph = torch.fx.Graph()
+    env = {}
+    for node in graph_module.graph.nodes:
+        if node.op == "placeholder" or node in needed:
+            env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[n] for n in outputs))
+    return torch.fx.GraphModule(graph_module, graph)
+
+
+def _atomic_scatter(grad_buffer, index_values: list, value, device) -> ir.ComputedBuffer:
+    """``grad_buffer[indices] += value`` as a Scatter that ``modification`` emits atomically.
+
+    ``grad_buffer`` is a contiguous float32 buffer; the ComputedBuffer carries its name and
+    layout so the store lands in it."""
+    index_loaders = [i.make_loader() for i in index_values]
+    value_loader = value.make_loader()
+    sizes = grad_buffer.get_size()
+
+    def output_indexer(_):
+        return [ops.indirect_indexing(load(()), size, check=False)
+                for load, size in zip(index_loaders, sizes)]
+
+    def inner_fn(_):
+        return ops.to_dtype(value_loader(()), torch.float32)
+
+    scatter = ir.Scatter(device=device, dtype=torch.float32, inner_fn=inner_fn, ranges=[],
+                         output_indexer=output_indexer, scatter_mode="atomic_add")
+    return ir.ComputedBuffer(name=grad_buffer.get_name(), layout=grad_buffer.get_layout(),
+                             data=scatter)
+
+
+def joint_buffer_gradients(joint: ir.Subgraph, num_buffers: int) -> list:
+    """Which of the score_mod's buffers the joint graph returns a gradient for."""
+    outputs = _output_node(joint.graph_module).args[0]
+    if not isinstance(outputs, (tuple, list)) or len(outputs) != 1 + num_buffers:
+        raise ModLoweringError(f"the joint graph must return 1 + {num_buffers} values")
+    return [o is not None for o in outputs[1:]]
+
+
+def _output_node(graph_module: torch.fx.GraphModule) -> torch.fx.Node:
+    return next(n for n in reversed(graph_module.graph.nodes) if n.op == "output")
+
+
+def build_joint_buffers(joint: ir.Subgraph, score_dtype: torch.dtype, buffers: Sequence,
+                        grad_buffers: Sequence, device: torch.device,
+                        approx_tanh: bool = False) -> tuple:
+    """Lower the joint graph for the backward template.
+
+    ``grad_buffers`` holds, per score_mod buffer, the float32 gradient buffer the kernel
+    accumulates into, or None. Returns ``(grad_score, scatters)``: the score gradient as a
+    buffer for ``modification`` and the list of atomic scatters (possibly empty).
+    Raises ``ModLoweringError`` for a buffer gradient that is not a sum of scatters.
+    """
+    graph_module = joint.graph_module
+    outputs = list(_output_node(graph_module).args[0])
+    if len(outputs) != 1 + len(buffers) or not isinstance(outputs[0], torch.fx.Node):
+        raise ModLoweringError(f"the joint graph must return the score gradient and "
+                               f"{len(buffers)} buffer gradients")
+    flat = [outputs[0]]
+    terms = []  # (gradient buffer, number of indices)
+    for grad_node, grad_buffer in zip(outputs[1:], grad_buffers):
+        if grad_node is None or grad_buffer is None:
+            continue
+        for indices, value in _scatter_terms(grad_node):
+            if len(indices) != len(grad_buffer.get_size()):
+                raise ModLoweringError("a buffer gradient term does not index every dim")
+            if not isinstance(value, torch.fx.Node) or any(
+                    not isinstance(i, torch.fx.Node) for i in indices):
+                raise ModLoweringError("a buffer gradient term is not computed per score")
+            flat += [value] + indices
+            terms.append((grad_buffer, len(indices)))
+
+    inputs = [_placeholder(name, dtype, device) for name, dtype in
+              zip(JOINT_PLACEHOLDERS, (score_dtype,) + (torch.int32,) * 4 + (score_dtype,))]
+    inputs += list(buffers)
+    values = list(_lower_pointwise(_graph_of_outputs(graph_module, flat), inputs, joint.name,
+                                   approx_tanh))
+    for value in values:
+        if not isinstance(value, ir.IRNode) or len(value.get_size()) != 0:
+            raise ModLoweringError(f"{joint.name}: every joint output must be a scalar")
+
+    grad_score = _wrap_expression(values[0], device)
+    scatters = []
+    position = 1
+    for grad_buffer, num_indices in terms:
+        value = values[position]
+        indices = values[position + 1:position + 1 + num_indices]
+        position += 1 + num_indices
+        scatters.append(_atomic_scatter(grad_buffer, indices, value, device))
+    return grad_score, scatters
+

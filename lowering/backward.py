@@ -1,0 +1,266 @@
+"""CUDA lowering of the backward operator: one fused, block-sparse Triton kernel.
+
+``lower_backward`` receives the backward operator's lowered arguments (docs/internals.md
+order) and returns ``(grad_query, grad_key, grad_value, grad_buffers)``, or ``None`` to
+fall back to the extern dense implementation. Steps, all decided before launch:
+
+1. the cases the kernel covers (``common.attention_problem``, plus a key/value batch that
+   equals the query's or is 1);
+2. ``delta = rowsum(grad_out * out) - grad_lse`` as ordinary Inductor IR (a small reduction
+   kernel Inductor generates and may fuse): with it, dS = P * (dP - delta) also carries the
+   gradient of a returned lse (d lse / d score = P);
+3. score_mod, mask_mod and the joint graph lowered to inlinable expressions; captured
+   buffers that get gradients become zero-filled float32 buffers the kernel adds into
+   atomically (``subgraphs.build_joint_buffers``);
+4. one choice per config from ``templates/backward.py.jinja`` + ``templates/common.py.jinja``;
+   dK is the template's output (epilogues fuse into its store), dQ and dV are mutated inputs;
+5. a key/value batch of 1 under a larger query batch is summed over batch afterwards, and
+   buffer gradients are cast to their buffers' dtypes.
+"""
+import sympy
+import torch
+from torch._inductor import config as inductor_config
+from torch._inductor import ir
+
+from inductor_flex import _compat
+
+from .common import (
+    MAX_GRID_YZ,
+    attention_problem,
+    autotune_select_algorithm_compat,
+    block_counts_for_autotune,
+    block_indices_for_autotune,
+    dense_strides_like,
+    known_empty,
+    known_true,
+    option_flag,
+    realize_captured,
+    realize_fixed,
+    record_subgraph_symbols,
+    template_source,
+)
+from .configs import padded_head_dim, select_backward_configs
+from .subgraphs import (
+    MASK_MOD_PLACEHOLDERS,
+    SCORE_MOD_PLACEHOLDERS,
+    ModLoweringError,
+    build_joint_buffers,
+    build_mod_buffer,
+    is_identity_score_mod,
+    joint_buffer_gradients,
+)
+
+LOG2E = 1.4426950408889634
+
+_template = None
+
+
+def _backward_grid(batch, q_heads, q_len, qk_head_dim, kv_heads, kv_len, meta, *, cdiv):
+    """Axis 0: the dK/dV programs (one per BLOCK_N1 keys), then the dQ programs (one per
+    BLOCK_M2 query rows and query head of the GQA group); axes 1, 2: batch, kv head."""
+    group = cdiv(q_heads, kv_heads)  # exact: q_heads is a multiple of kv_heads
+    return (cdiv(kv_len, meta["BLOCK_N1"]) + group * cdiv(q_len, meta["BLOCK_M2"]), batch, kv_heads)
+
+
+def backward_template():
+    """The backward TritonTemplate (created once; Inductor registers templates by name)."""
+    global _template
+    if _template is None:
+        from torch._inductor.select_algorithm import SymbolicGridFn
+
+        _template = _compat.make_triton_template(
+            name="inductor_flex_bwd", grid=SymbolicGridFn(_backward_grid),
+            source=template_source("backward.py.jinja"))
+    return _template
+
+
+def _delta(out, grad_out, grad_lse):
+    """rowsum(grad_out * out) in float32, minus the lse gradient when there is one."""
+    from torch._inductor.lowering import lowerings, to_dtype
+
+    aten = torch.ops.aten
+    product = lowerings[aten.mul.Tensor](to_dtype(grad_out, torch.float32),
+                                         to_dtype(out, torch.float32))
+    delta = lowerings[aten.sum.dim_IntList](product, [-1])
+    if grad_lse is not None:
+        delta = lowerings[aten.sub.Tensor](delta, to_dtype(grad_lse, torch.float32))
+    return realize_fixed(delta)
+
+
+def _zeros_float32(size, device):
+    from torch._inductor.lowering import full
+
+    return realize_fixed(full(list(size), 0.0, dtype=torch.float32, device=device))
+
+
+def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
+                   fw_graph, joint_graph, block_mask, scale, kernel_options,
+                   score_mod_other_buffers=(), mask_mod_other_buffers=()):
+    """Lower the backward operator to the fused Triton kernel, or return None to fall back
+    to the extern dense implementation."""
+    kernel_options = dict(kernel_options or {})
+    (_q_len, _kv_len, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
+     q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
+     sparse_q_block, sparse_kv_block, mask_mod) = block_mask
+
+    problem = attention_problem(query, key, value, (fw_graph, joint_graph, mask_mod),
+                                sparse_q_block, sparse_kv_block, scale,
+                                list(score_mod_other_buffers) + list(mask_mod_other_buffers))
+    if problem is None:
+        return None
+    if grad_out.get_dtype() != problem.dtype or q_num_blocks is None or q_indices is None:
+        return None
+    if known_true(sympy.Gt(problem.kv_heads, MAX_GRID_YZ)):
+        return None  # kv heads are the grid's z axis
+    # Key/value batch: the query's (one dK/dV per batch) or 1 (dK/dV per query batch, then
+    # summed); anything else the kernel cannot index.
+    if known_true(sympy.Eq(problem.kv_batch, problem.batch)):
+        sum_over_batch = False
+    elif known_true(sympy.Eq(problem.kv_batch, 1)):
+        sum_over_batch = True
+    else:
+        return None
+
+    dtype, scale, device = problem.dtype, problem.scale, query.get_device()
+    qk_head_dim, v_head_dim = problem.qk_head_dim, problem.v_head_dim
+    sparse_q_block, sparse_kv_block = problem.sparse_q_block, problem.sparse_kv_block
+    configs = select_backward_configs(problem.capability, dtype, qk_head_dim, v_head_dim,
+                                      sparse_q_block, sparse_kv_block, kernel_options,
+                                      max_autotune=bool(inductor_config.max_autotune))
+    if not configs:
+        return None  # sparse blocks too small (or not a power of 2) for a tl.dot tile
+
+    has_full_blocks = all(x is not None for x in (full_kv_num_blocks, full_kv_indices,
+                                                  full_q_num_blocks, full_q_indices))
+    has_partial_blocks = not known_empty(kv_num_blocks)
+    if has_full_blocks and known_empty(full_kv_num_blocks):
+        has_full_blocks = False
+
+    # --- mods, the joint graph, and the buffers that get gradients -----------------------------
+    score_mod_other_buffers = [realize_captured(b) for b in score_mod_other_buffers]
+    mask_mod_other_buffers = [realize_captured(b) for b in mask_mod_other_buffers]
+    has_score_mod = not is_identity_score_mod(fw_graph)
+    # The recomputed probabilities must be the forward's: the same tanh as the forward.
+    approx_tanh = dtype in (torch.float16, torch.bfloat16) and option_flag(kernel_options, "APPROX_TANH", True)
+    try:
+        wants_grad = joint_buffer_gradients(joint_graph, len(score_mod_other_buffers))
+        grad_buffers = [_zeros_float32(b.get_size(), device) if needed else None
+                        for b, needed in zip(score_mod_other_buffers, wants_grad)]
+        score_buffer = build_mod_buffer(
+            fw_graph, SCORE_MOD_PLACEHOLDERS, (dtype,) + (torch.int32,) * 4,
+            score_mod_other_buffers, device, approx_tanh=approx_tanh)
+        mask_buffer = build_mod_buffer(
+            mask_mod, MASK_MOD_PLACEHOLDERS, (torch.int32,) * 4, mask_mod_other_buffers, device)
+        grad_score_buffer, scatters = build_joint_buffers(
+            joint_graph, dtype, score_mod_other_buffers, grad_buffers, device,
+            approx_tanh=approx_tanh)
+    except ModLoweringError:
+        return None  # a mod or gradient the kernel cannot inline
+
+    # --- inputs and outputs ------------------------------------------------------------------
+    query, key, value, logsumexp, grad_out = (
+        realize_fixed(x) for x in (query, key, value, logsumexp, grad_out))
+    delta = _delta(out, grad_out, grad_logsumexp)
+    mask_inputs = [realize_fixed(x) for x in (kv_num_blocks, kv_indices, q_num_blocks, q_indices)]
+    if has_full_blocks:
+        mask_inputs += [realize_fixed(x) for x in (full_kv_num_blocks, full_kv_indices,
+                                                   full_q_num_blocks, full_q_indices)]
+
+    from torch._inductor.lowering import empty_strided
+
+    batch, q_len = problem.batch, problem.q_len
+    kv_heads, kv_len = problem.kv_heads, problem.kv_len
+    grad_query = empty_strided(query.get_size(), dense_strides_like(query, query.get_size()),
+                               dtype=dtype, device=device)
+    # dK / dV per query batch; with a broadcast key/value batch they are summed below.
+    # (float32 then, so the sum rounds once).
+    kv_grad_dtype = torch.float32 if sum_over_batch else dtype
+    dk_size = [batch, kv_heads, kv_len, qk_head_dim]
+    dv_size = [batch, kv_heads, kv_len, v_head_dim]
+    grad_value = empty_strided(dv_size, dense_strides_like(value, dv_size), dtype=kv_grad_dtype,
+                               device=device)
+    layout = ir.FixedLayout(device, kv_grad_dtype, dk_size, stride=dense_strides_like(key, dk_size))
+    input_nodes = [query, key, value, logsumexp, delta, grad_out, grad_query, grad_value] + mask_inputs
+
+    fold_scale = not has_score_mod  # no max is taken here, so any sign of scale folds
+    divisible = (known_true(sympy.Eq(sympy.Mod(q_len, sparse_q_block), 0))
+                 and known_true(sympy.Eq(sympy.Mod(kv_len, sparse_kv_block), 0)))
+    constants = dict(
+        SPARSE_Q_BLOCK_SIZE=sparse_q_block,
+        SPARSE_KV_BLOCK_SIZE=sparse_kv_block,
+        QK_HEAD_DIM=qk_head_dim,
+        QK_HEAD_DIM_ROUNDED=padded_head_dim(qk_head_dim),
+        V_HEAD_DIM=v_head_dim,
+        V_HEAD_DIM_ROUNDED=padded_head_dim(v_head_dim),
+        IS_DIVISIBLE=divisible,
+        HAS_PARTIAL_BLOCKS=has_partial_blocks,
+        HAS_FULL_BLOCKS=has_full_blocks,
+        HAS_SCORE_MOD=not fold_scale,
+        HAS_BUFFER_GRADS=bool(scatters),
+        SM_SCALE=scale,
+        LOGIT_SCALE=scale * LOG2E if fold_scale else LOG2E,
+        FLOAT32_PRECISION="'ieee'" if _compat.float32_matmul_is_ieee() else "'tf32'",
+    )
+
+    template = backward_template()
+    choices, errors = [], []
+    mutated = [grad_query, grad_value] + [g for g in grad_buffers if g is not None]
+    for config in configs:
+        error = template.maybe_append_choice(
+            choices,
+            input_nodes=input_nodes,
+            layout=layout,
+            subgraphs=[score_buffer, mask_buffer, grad_score_buffer, scatters],
+            mutated_inputs=mutated,
+            call_sizes=list(query.get_size()) + [kv_heads, kv_len],
+            num_stages=config.num_stages,
+            num_warps=config.num_warps,
+            BLOCK_M1=config.block_m1,
+            BLOCK_N1=config.block_n1,
+            BLOCK_M2=config.block_m2,
+            BLOCK_N2=config.block_n2,
+            **constants,
+        )
+        if error is not None:
+            errors.append(error)
+    if not choices:
+        raise RuntimeError(f"inductor_flex: no backward kernel could be generated for configs "
+                           f"{configs}: {errors[0] if errors else 'unknown'}")
+
+    # Autotuning runs the kernel on made-up inputs: the block lists must be valid data. The
+    # kernel's arguments are the named inputs, then the buffers the inlined mods read (and
+    # add into), in the order the rendered kernel first uses them.
+    autotune_inputs = list(choices[0].input_nodes)
+    first_mask = 8
+    input_gen_fns = {
+        first_mask: block_counts_for_autotune(kv_indices, True, has_full_blocks),
+        first_mask + 1: block_indices_for_autotune,
+        first_mask + 2: block_counts_for_autotune(q_indices, True, has_full_blocks),
+        first_mask + 3: block_indices_for_autotune,
+    }
+    if has_full_blocks:
+        input_gen_fns.update({
+            first_mask + 4: block_counts_for_autotune(full_kv_indices, False, has_full_blocks),
+            first_mask + 5: block_indices_for_autotune,
+            first_mask + 6: block_counts_for_autotune(full_q_indices, False, has_full_blocks),
+            first_mask + 7: block_indices_for_autotune,
+        })
+    result = autotune_select_algorithm_compat("inductor_flex_attention_backward", choices,
+                                              autotune_inputs, layout, input_gen_fns)
+    grad_key = _compat.autotune_result_node(result)
+    record_subgraph_symbols(grad_key, score_mod_other_buffers + mask_mod_other_buffers,
+                            [score_buffer, mask_buffer, grad_score_buffer] + list(scatters))
+
+    from torch._inductor.lowering import to_dtype
+
+    if sum_over_batch:
+        from torch._inductor.lowering import lowerings
+
+        total = lowerings[torch.ops.aten.sum.dim_IntList]
+        grad_key = to_dtype(total(grad_key, [0], True), dtype)
+        grad_value = to_dtype(total(grad_value, [0], True), dtype)
+
+    grad_score_mod_buffers = tuple(
+        None if g is None else to_dtype(g, buffer.get_dtype())
+        for g, buffer in zip(grad_buffers, score_mod_other_buffers))
+    return grad_query, grad_key, grad_value, grad_score_mod_buffers

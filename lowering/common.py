@@ -1,0 +1,302 @@
+"""Helpers shared by the forward and backward lowerings (``forward.py``, ``backward.py``).
+
+Everything here runs while Inductor lowers a graph (``V.graph`` is the graph being lowered):
+reading sizes and scalars known at compile time, realizing inputs with fixed layouts,
+recognising block-mask tensors whose contents are known (the one flex_attention builds when
+given none), and making valid block-mask data for autotuning.
+"""
+import math
+import operator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence
+
+import sympy
+import torch
+from torch._inductor import ir
+from torch._inductor.virtualized import V
+
+
+# ---------------------------------------------------------------------------------------
+# Small helpers
+# ---------------------------------------------------------------------------------------
+
+def known_true(expr) -> bool:
+    return V.graph.sizevars.statically_known_true(expr)
+
+
+def static_int(value) -> Optional[int]:
+    """``value`` as an int if it is one (or a constant sympy expression), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, sympy.Expr) and value.is_number:
+        return int(value)
+    return None
+
+
+def static_float(value, known: dict) -> Optional[float]:
+    """``value`` as a float, substituting the guarded sizes in ``known``; None if it
+    still depends on a run-time size."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, sympy.Expr):
+        value = V.graph.sizevars.simplify(value.xreplace(
+            {k: v for k, v in known.items() if isinstance(k, sympy.Expr)}))
+        if value.free_symbols:
+            return None
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def realize_fixed(node):
+    """Realize ``node`` into a buffer with a fixed layout (the kernel reads its strides)."""
+    from torch._inductor.select_algorithm import realize_inputs
+
+    node = realize_inputs(node)
+    try:
+        node.freeze_layout()
+    except (NotImplementedError, AttributeError):
+        pass  # views and inputs already have a fixed layout
+    return node
+
+
+def realize_captured(buffer):
+    """Realize a captured buffer in place, keeping the TensorBox the mod lowering expects."""
+    if isinstance(buffer, ir.TensorBox):
+        buffer.realize()
+        try:
+            buffer.freeze_layout()
+        except (NotImplementedError, AttributeError):
+            pass
+    return buffer
+
+
+def dense_strides_like(query, out_size):
+    """Dense strides for ``out_size`` in the query's memory order (innermost dim of the
+    query innermost; equal strides keep the later dim inner) -- the layout the operator's
+    fake implementation gives, so no copy is needed at the graph boundary."""
+    hint = V.graph.sizevars.optimization_hint
+    strides = query.get_stride()
+    fill_order = sorted(reversed(range(len(out_size))), key=lambda d: hint(strides[d]))
+    out_strides = [None] * len(out_size)
+    running = sympy.Integer(1)
+    for d in fill_order:
+        out_strides[d] = running
+        running = running * out_size[d]
+    return out_strides
+
+
+def output_used(index: int, default: bool) -> bool:
+    """Whether the graph reads output ``index`` of the operator node being lowered; when
+    the node cannot be seen, ``default`` (the kernel option)."""
+    node = getattr(V.graph, "current_node", None)
+    if node is None or not isinstance(node, torch.fx.Node) or not node.users:
+        return default
+    for user in node.users:
+        if user.op != "call_function" or user.target is not operator.getitem:
+            return True  # the tuple itself escapes: assume every output is read
+        if user.args[1] == index:
+            return True
+    return False
+
+
+class _NotAnIndexExpression(Exception):
+    pass
+
+
+class _IndexProbe:
+    """An ops handler under which a loader evaluates to a sympy expression when its value
+    is a constant or a pure index expression (``full``, ``zeros``, ``arange`` and views of
+    them); any load from memory or arithmetic on values raises."""
+
+    def constant(self, value, dtype):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _NotAnIndexExpression("constant")
+        return sympy.sympify(value)
+
+    def index_expr(self, expr, dtype):
+        return expr
+
+    def to_dtype(self, x, dtype, src_dtype=None, use_compute_types=True):
+        return x
+
+    def __getattr__(self, name):
+        raise _NotAnIndexExpression(name)
+
+
+def _index_expression(node):
+    """(value, index symbols) if ``node``'s value at symbolic index is known at compile
+    time (e.g. the block mask flex_attention builds when none is given), else (None, None)."""
+    try:
+        index = [sympy.Symbol(f"probe{d}", integer=True) for d in range(len(node.get_size()))]
+        loader = node.make_loader()
+        with V.set_ops_handler(_IndexProbe()):
+            value = loader(index)
+        value = getattr(value, "value", value)  # ops results come wrapped in OpsValue
+        return (value, index) if isinstance(value, sympy.Expr) else (None, None)
+    except Exception:  # any op the probe does not model: the value is data
+        return None, None
+
+
+def known_empty(num_blocks) -> bool:
+    """Whether a block-count tensor is the constant 0 (no block of that kind anywhere)."""
+    value, _ = _index_expression(num_blocks)
+    return value is not None and value == 0
+
+
+def known_contiguous(indices) -> bool:
+    """Whether every row of a block-index tensor is 0, 1, 2, ... (blocks in order)."""
+    value, index = _index_expression(indices)
+    return value is not None and value == index[-1]
+
+
+def tma_compatible(node) -> bool:
+    """TMA needs a unit inner stride and 16-byte aligned outer strides and offset."""
+    itemsize = node.get_dtype().itemsize
+    strides = node.get_stride()
+    sizevars = V.graph.sizevars
+    if not sizevars.statically_known_equals(strides[-1], 1):
+        return False
+    if not sizevars.statically_known_multiple_of(node.get_size()[-1] * itemsize, 16):
+        return False
+    for stride in strides[:-1]:
+        if not sizevars.statically_known_multiple_of(stride * itemsize, 16):
+            return False
+    offset = node.get_layout().offset
+    return sizevars.statically_known_multiple_of(offset * itemsize, 16)
+
+
+def option_flag(kernel_options, name: str, default: bool = False) -> bool:
+    value = kernel_options.get(name, default)
+    return default if value is None else bool(value)
+
+
+# ---------------------------------------------------------------------------------------
+# Autotuning inputs: the block mask must be valid data, not random bytes
+# ---------------------------------------------------------------------------------------
+
+def size_hints(node):
+    return V.graph.sizevars.optimization_hints(node.get_size())
+
+
+def block_counts_for_autotune(indices_node, partial: bool, has_full_blocks: bool):
+    """Block counts for timing choices: one partial block per row (the diagonal or edge
+    block of a typical mask) and every other block full -- or every block partial when
+    the mask has no full blocks -- so both inner loops weigh as they usually do."""
+    def generate(node):
+        columns = size_hints(indices_node)[-1]
+        if not has_full_blocks:
+            count = columns
+        elif partial:
+            count = min(1, columns)
+        else:
+            count = max(0, columns - 1)
+        return torch.full(size_hints(node), count, dtype=node.get_dtype(), device=node.get_device())
+    return generate
+
+
+def block_indices_for_autotune(node):
+    size = size_hints(node)
+    columns = torch.arange(size[-1], dtype=node.get_dtype(), device=node.get_device())
+    return columns.expand(size).contiguous()
+
+
+def autotune_select_algorithm_compat(name, choices, inputs, layout, input_gen_fns):
+    from torch._inductor.select_algorithm import autotune_select_algorithm
+
+    return autotune_select_algorithm(name, choices, inputs, layout, input_gen_fns=input_gen_fns)
+
+
+def record_subgraph_symbols(out, inputs: Sequence, outputs: Sequence) -> None:
+    """Tell the template buffer which IR the inlined mods read, so the sizes those
+    buffers depend on are passed to the kernel under dynamic shapes."""
+    node = getattr(getattr(out, "data", None), "data", None)
+    if node is not None and hasattr(node, "subgraph_inps"):
+        node.subgraph_inps = list(inputs)
+        node.subgraph_outs = list(outputs)
+
+
+_TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
+
+
+def template_source(main_file: str) -> str:
+    """A template's Jinja source: ``main_file`` (its kernel) followed by the device functions
+    shared through ``common.py.jinja``. Read from the installed ``inductor_flex.templates``
+    package, or from the source tree when running from a checkout."""
+    from inductor_flex import templates
+
+    directory = Path(templates.__file__).resolve().parent
+    if not (directory / main_file).exists():
+        directory = _TEMPLATE_DIR
+    return (directory / main_file).read_text() + (directory / "common.py.jinja").read_text()
+
+
+# Larger head dims exhaust registers and shared memory with our tiles.
+MAX_HEAD_DIM = 256
+# CUDA's limit on the y and z grid dimensions (batch, heads).
+MAX_GRID_YZ = 65535
+
+
+@dataclass(frozen=True)
+class AttentionProblem:
+    """What a fused kernel needs to know at compile time about one attention call."""
+    dtype: torch.dtype
+    batch: object          # sizes: ints or sympy expressions
+    q_heads: object
+    q_len: object
+    kv_batch: object
+    kv_heads: object
+    kv_len: object
+    qk_head_dim: int       # head dims shape the tiles: guarded to constants
+    v_head_dim: int
+    scale: float
+    sparse_q_block: int
+    sparse_kv_block: int
+    capability: tuple
+
+
+def attention_problem(query, key, value, mods: Sequence, sparse_q_block, sparse_kv_block,
+                      scale, buffers: Sequence) -> Optional[AttentionProblem]:
+    """The compile-time description of a call the fused kernels cover, or None when they
+    do not (the caller then falls back to the extern dense implementation; the reason for
+    each case is in the comments)."""
+    dtype = query.get_dtype()
+    if dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return None  # float64 and friends: tl.dot has no such path; the exact path is right
+    if key.get_dtype() != dtype or value.get_dtype() != dtype:
+        return None  # mixed dtypes: the api rejects them; nothing to fuse
+    if not all(isinstance(mod, ir.Subgraph) for mod in mods):
+        return None  # mods that are not graphs cannot be inlined
+    if any(not isinstance(b, ir.IRNode) for b in buffers):
+        return None  # a captured symbolic scalar: no kernel argument carries it yet
+    sparse_q_block = static_int(sparse_q_block)
+    sparse_kv_block = static_int(sparse_kv_block)
+    if sparse_q_block is None or sparse_kv_block is None:
+        return None  # symbolic block sizes: the tile must divide them at compile time
+
+    batch, q_heads, q_len, qk_head_dim_expr = query.get_size()
+    kv_batch, kv_heads, kv_len, _ = key.get_size()
+    v_head_dim_expr = value.get_size()[-1]
+    qk_head_dim = V.graph.sizevars.guard_int(qk_head_dim_expr)
+    v_head_dim = V.graph.sizevars.guard_int(v_head_dim_expr)
+    # The default scale is 1/sqrt(E): symbolic when E is, constant once E is guarded.
+    scale = static_float(scale, {qk_head_dim_expr: qk_head_dim, v_head_dim_expr: v_head_dim})
+    if scale is None or not math.isfinite(scale):
+        return None  # a scale that varies at run time: it is baked into the kernel
+    if max(qk_head_dim, v_head_dim) > MAX_HEAD_DIM or min(qk_head_dim, v_head_dim) < 1:
+        return None  # tiles would not fit in registers / shared memory
+    if known_true(sympy.Eq(q_len, 0)) or known_true(sympy.Eq(kv_len, 0)):
+        return None  # nothing to compute; the dense path writes the empty results
+    if any(known_true(sympy.Gt(n, MAX_GRID_YZ)) for n in (batch, q_heads)):
+        return None  # the launch grids put batch and heads on the y / z axes
+    capability = torch.cuda.get_device_capability(query.get_device())
+    return AttentionProblem(dtype, batch, q_heads, q_len, kv_batch, kv_heads, kv_len,
+                            qk_head_dim, v_head_dim, scale, sparse_q_block, sparse_kv_block,
+                            capability)
