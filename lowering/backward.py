@@ -38,6 +38,7 @@ from .common import (
     realize_fixed,
     record_subgraph_symbols,
     template_source,
+    tma_compatible,
 )
 from .configs import padded_head_dim, select_backward_configs
 from .subgraphs import (
@@ -91,6 +92,17 @@ def _zeros_float32(size, device):
     from torch._inductor.lowering import full
 
     return realize_fixed(full(list(size), 0.0, dtype=torch.float32, device=device))
+
+
+def _use_tma(kernel_options, problem, tensors) -> bool:
+    """Stream the inner loops' tiles through the TMA: on Hopper and newer, for half-precision
+    inputs, unless the user says otherwise (``USE_TMA`` / ``bwd_USE_TMA``); never where a
+    tensor's layout does not allow it."""
+    upper = {str(k).upper(): v for k, v in kernel_options.items()}
+    requested = upper.get("BWD_USE_TMA", upper.get("USE_TMA"))
+    wanted = (problem.dtype in (torch.float16, torch.bfloat16)) if requested is None else bool(requested)
+    return (wanted and problem.capability >= (9, 0) and _compat.triton_has_tensor_descriptors()
+            and all(tma_compatible(x) for x in tensors))
 
 
 def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
@@ -200,6 +212,7 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         SM_SCALE=scale,
         LOGIT_SCALE=scale * LOG2E if fold_scale else LOG2E,
         FLOAT32_PRECISION="'ieee'" if _compat.float32_matmul_is_ieee() else "'tf32'",
+        USE_TMA=_use_tma(kernel_options, problem, (query, key, value, grad_out)),
     )
 
     template = backward_template()

@@ -288,8 +288,10 @@ def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_
     head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
     half = _is_half(dtype)
     if capability[0] >= 8 and half:
+        # Measured on H100 (docs/kernels.md): square 64 tiles on one warpgroup at D=64; at
+        # D=128 two warpgroups share 128-key (dK/dV) and 128-row (dQ) programs.
         if head_dim <= 64:
-            return BackwardConfig(64, 128, 128, 64, 8, 3)
+            return BackwardConfig(64, 64, 64, 64, 4, 3)
         if head_dim <= 128:
             return BackwardConfig(64, 128, 128, 64, 8, 2)
         return BackwardConfig(32, 64, 64, 32, 4, 1)
@@ -305,8 +307,8 @@ def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_
 
 
 _BACKWARD_CANDIDATES = (
-    BackwardConfig(64, 128, 128, 64, 8, 2),
     BackwardConfig(64, 128, 128, 64, 8, 3),
+    BackwardConfig(64, 128, 128, 64, 8, 2),
     BackwardConfig(32, 128, 128, 32, 4, 3),
     BackwardConfig(64, 64, 64, 64, 4, 3),
     BackwardConfig(32, 64, 64, 32, 4, 3),
