@@ -212,12 +212,7 @@ def print_table(results, modes):
         line += [_fmt(r.get("sdpa_cudnn_tflops")), _fmt(r.get("sdpa_flash_tflops")),
                  _fmt(r.get("sdpa_dense_tflops"))]
         rows.append(line)
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    print()
-    print(" | ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for line in rows:
-        print(" | ".join(str(x).ljust(w) for x, w in zip(line, widths)))
+    print_markdown(headers, rows)
 
 
 def sweep(shapes, masks, option_sets):
@@ -291,6 +286,16 @@ def main(argv=None):
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
     print_table(results, modes)
+
+
+def print_markdown(headers, rows):
+    """Print one table (headers, then rows of cells) with columns padded to align."""
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
+    print()
+    print(" | ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
+    print("-|-".join("-" * w for w in widths))
+    for line in rows:
+        print(" | ".join(str(x).ljust(w) for x, w in zip(line, widths)))
 
 
 if __name__ == "__main__":

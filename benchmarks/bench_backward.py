@@ -1,0 +1,472 @@
+"""Backward FlexAttention: inductor_flex against PyTorch's FlexAttention and SDPA.
+
+One process, bfloat16, the shapes and masks of ``bench_forward.py``. For each shape and
+mask it compiles
+
+- ``ours``: ``torch.compile(inductor_flex.flex_attention)``,
+- ``pt``:   ``torch.compile(torch.nn.attention.flex_attention.flex_attention)``,
+
+in the same compile mode, each with a block mask from its own ``create_block_mask``, and
+times with ``triton.testing.do_bench`` (median)
+
+- the backward alone: one forward with inputs that require grad, then
+  ``torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)`` per iteration
+  (donated buffers are switched off so that the compiled backward may run again);
+- forward + backward: a fresh forward and its gradients per iteration;
+- the first call (forward + backward, which compiles both) as the compile time.
+
+TFLOP/s count only the unmasked work: the forward is ``4 * B * H * S * S * D * density``,
+the backward 2.5 times that, forward + backward 3.5 times. Ratios are pt time / ours time
+(above 1: ours is faster). SDPA's backward is timed where it applies: cuDNN and
+FlashAttention-2 for full / causal, the memory-efficient kernel with a dense boolean mask
+for masks that have one and no score_mod. Ours' out / dq / dk / dv are compared with pt's
+(largest absolute difference, printed, not asserted) so a broken kernel shows in the log.
+
+``--memory`` (on by default) then measures the peak memory of one forward + backward at
+B=1 H=16 S=32768 D=128, causal, for ours, pt, SDPA flash and SDPA cuDNN: the
+``max_memory_allocated`` of the call minus what was allocated just before it (the inputs
+q, k, v, grad_out and the block mask), after a warm-up call so that compiling does not
+count. A compact table is printed last; ``--json`` saves every number.
+
+    python benchmarks/bench_backward.py --shapes big --masks full,causal --no-memory
+    python benchmarks/bench_backward.py --shapes "" --memory      # the memory table only
+"""
+import argparse
+import functools
+import gc
+import importlib
+import json
+import os
+import sys
+import time
+
+import torch
+import torch._functorch.config
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_forward import (  # noqa: E402
+    MASKS, MODES, SHAPES, causal, first_call, make_case, print_markdown)
+
+# Work of the backward (five matmuls of the forward's size against two) and of the pair,
+# in units of the forward's FLOPs.
+BACKWARD_WORK = 2.5
+FORWARD_BACKWARD_WORK = 3.5
+MEMORY_SHAPE = dict(B=1, H=16, S=32768, D=128)
+# The efficient kernel turns a bool [S, S] mask into a bf16 bias; beyond 16384^2 entries
+# that alone is half a GiB, so larger dense masks are skipped.
+DENSE_MASK_MAX_ELEMENTS = 16384 * 16384
+# A call slower than this is timed once instead of by do_bench (see bench_unless_slow).
+SLOW_CALL_S = 1.0
+GRAD_NAMES = ("out", "dq", "dk", "dv")
+
+_START = time.perf_counter()
+
+
+def log(message):
+    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
+
+
+def _one_line(error):
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def _free_device_memory(device):
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def allow_retained_backward():
+    """Let a compiled backward run several times on one graph (``retain_graph=True``).
+
+    AOTAutograd otherwise lets the backward reuse ("donate") saved forward buffers, which
+    forbids running it twice. Must be set before compiling."""
+    torch._functorch.config.donated_buffer = False
+
+
+# ---------------------------------------------------------------------------------------
+# Measurement
+# ---------------------------------------------------------------------------------------
+
+def bench_ms(fn, warmup=25, rep=100):
+    """Median milliseconds of ``fn()`` by ``triton.testing.do_bench``."""
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
+
+
+def leaf_inputs(shape, device, seed=0):
+    """q, k, v (bf16 leaves that require grad) and grad_out, all ``[B, H, S, D]``.
+
+    q, k, v are drawn as in ``bench_forward.run_case``, so both benchmarks see the same data."""
+    B, H, S, D = shape["B"], shape["H"], shape["S"], shape["D"]
+    generator = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, grad_out = (torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16,
+                                     generator=generator) for _ in range(4))
+    return (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), grad_out
+
+
+def bench_unless_slow(fn, bench):
+    """Milliseconds of ``fn()`` by ``bench``, or of one call where that call alone takes
+    over SLOW_CALL_S (an unfused fallback), so that such a case cannot eat the run's time."""
+    _, seconds = first_call(fn)
+    if seconds > SLOW_CALL_S:
+        log(f"one call takes {seconds:.1f} s: timed once, not by do_bench")
+        return seconds * 1e3
+    return bench(fn)
+
+
+def backward_ms(forward, inputs, grad_out, bench):
+    """Milliseconds of the backward alone: one forward, then its gradients per iteration."""
+    out = forward()
+    return bench_unless_slow(
+        lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), bench)
+
+
+def forward_backward_ms(forward, inputs, grad_out, bench):
+    """Milliseconds of a fresh forward and its gradients per iteration."""
+    return bench_unless_slow(lambda: torch.autograd.grad(forward(), inputs, grad_out), bench)
+
+
+def measure_library(flex, block_mask, options, score_mod, inputs, grad_out, mode, bench,
+                    keep_results):
+    """Compile ``flex`` in ``mode`` and time it.
+
+    Returns (compile seconds, backward ms, forward+backward ms, first-call
+    (out, dq, dk, dv) detached, or None unless ``keep_results``)."""
+    compiled = torch.compile(flex, mode=MODES[mode])
+    q, k, v = inputs
+
+    def forward():
+        return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask,
+                        kernel_options=options)
+
+    def forward_backward():
+        out = forward()
+        return (out,) + torch.autograd.grad(out, inputs, grad_out)
+
+    first, compile_s = first_call(forward_backward)
+    # Detaching drops the first call's graph (and what it saved) right away.
+    first = tuple(t.detach() for t in first) if keep_results else None
+    bwd_ms = backward_ms(forward, inputs, grad_out, bench)
+    fwd_bwd_ms = forward_backward_ms(forward, inputs, grad_out, bench)
+    return compile_s, bwd_ms, fwd_bwd_ms, first
+
+
+def compare(ours, reference):
+    """Largest |ours - reference| and largest |reference| of each of out, dq, dk, dv."""
+    return {name: dict(maxdiff=(a.float() - b.float()).abs().max().item(),
+                       scale=b.float().abs().max().item())
+            for name, a, b in zip(GRAD_NAMES, ours, reference)}
+
+
+def sdpa_forwards(mask_name, score_mod, dense, q, k, v):
+    """{name: forward callable} of the SDPA kernels that can compute this case."""
+    if score_mod is not None:
+        return {}
+    forwards = {}
+    if mask_name in ("full", "causal"):
+        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
+                              ("flash", SDPBackend.FLASH_ATTENTION)):
+            def forward(backend=backend):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=mask_name == "causal")
+            forwards[name] = forward
+    if dense is not None and dense.numel() <= DENSE_MASK_MAX_ELEMENTS:
+        def forward():
+            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+        forwards["dense"] = forward
+    return forwards
+
+
+def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_options=None,
+             device="cuda"):
+    """Every measurement of one shape and mask, as a dict of numbers (and error strings)."""
+    import inductor_flex
+    from torch.nn.attention import flex_attention as torch_flex
+
+    allow_retained_backward()
+    shape = SHAPES[shape_name]
+    B, H, S, D = shape["B"], shape["H"], shape["S"], shape["D"]
+    inputs, grad_out = leaf_inputs(shape, device)
+    score_mod, mask_mod, dense, density = make_case(mask_name, shape, device)
+    flops = 4 * B * H * S * S * D * density
+    row = dict(shape=shape_name, mask=mask_name, B=B, H=H, S=S, D=D, density=density)
+    tag = f"{shape_name} {mask_name}"
+
+    libraries = [("ours", inductor_flex, ours_options)]
+    if "pt" in baselines:
+        libraries.append(("pt", torch_flex, None))
+    block_masks = {}
+    for mode in modes:
+        torch._dynamo.reset()
+        firsts = {}
+        for lib, module, options in libraries:
+            key = f"{lib}_{mode}"
+            try:
+                if lib not in block_masks:
+                    block_masks[lib] = None if mask_mod is None else module.create_block_mask(
+                        mask_mod, None, None, S, S, device=device)
+                compile_s, bwd_ms, fwd_bwd_ms, first = measure_library(
+                    module.flex_attention, block_masks[lib], options, score_mod, inputs, grad_out,
+                    mode, bench, keep_results=check)
+            except Exception as error:  # keep going: the other library's numbers still count
+                row[f"{key}_error"] = _one_line(error)
+                log(f"{tag} {lib} {mode} failed: {_one_line(error)}")
+                _free_device_memory(device)
+                continue
+            if first is not None:
+                firsts[lib] = first
+            row[f"{key}_compile_s"] = compile_s
+            row[f"{key}_bwd_ms"] = bwd_ms
+            row[f"{key}_bwd_tflops"] = BACKWARD_WORK * flops / bwd_ms / 1e9
+            row[f"{key}_fwdbwd_ms"] = fwd_bwd_ms
+            row[f"{key}_fwdbwd_tflops"] = FORWARD_BACKWARD_WORK * flops / fwd_bwd_ms / 1e9
+            log(f"{tag} {lib} {mode}: compile {compile_s:.1f} s, "
+                f"bwd {bwd_ms:.3f} ms {row[f'{key}_bwd_tflops']:.0f} TF, "
+                f"fwd+bwd {fwd_bwd_ms:.3f} ms {row[f'{key}_fwdbwd_tflops']:.0f} TF")
+        for kind in ("bwd", "fwdbwd"):
+            if f"ours_{mode}_{kind}_ms" in row and f"pt_{mode}_{kind}_ms" in row:
+                row[f"ratio_{mode}_{kind}"] = (row[f"pt_{mode}_{kind}_ms"]
+                                               / row[f"ours_{mode}_{kind}_ms"])
+        if "ours" in firsts and "pt" in firsts:
+            diffs = compare(firsts["ours"], firsts["pt"])
+            row[f"diff_{mode}"] = diffs
+            row[f"grad_maxdiff_{mode}"] = max(diffs[name]["maxdiff"] for name in GRAD_NAMES[1:])
+            log(f"{tag} {mode} max|ours - pt| (max|pt|): " + ", ".join(
+                f"{name} {d['maxdiff']:.3g} ({d['scale']:.3g})" for name, d in diffs.items()))
+        del firsts
+
+    if "sdpa" in baselines:
+        if dense is not None and dense.numel() > DENSE_MASK_MAX_ELEMENTS:
+            row["sdpa_dense_skipped"] = f"dense mask of {S}x{S} is too large"
+        for name, forward in sdpa_forwards(mask_name, score_mod, dense, *inputs).items():
+            try:
+                ms = backward_ms(forward, inputs, grad_out, bench)
+            except Exception as error:
+                row[f"sdpa_{name}_error"] = _one_line(error)
+                log(f"{tag} sdpa {name} failed: {_one_line(error)}")
+                _free_device_memory(device)
+                continue
+            row[f"sdpa_{name}_bwd_ms"] = ms
+            row[f"sdpa_{name}_bwd_tflops"] = BACKWARD_WORK * flops / ms / 1e9
+            log(f"{tag} sdpa {name}: bwd {ms:.3f} ms {row[f'sdpa_{name}_bwd_tflops']:.0f} TF")
+    return row
+
+
+def measure_peak_memory(impl, mode, device="cuda"):
+    """(extra peak bytes, bytes held before) of one forward + backward, causal, MEMORY_SHAPE.
+
+    ``impl`` is ours, pt, flash or cudnn; ``mode`` the compile mode of ours / pt. The
+    extra peak is ``max_memory_allocated`` during the call minus the bytes allocated just
+    before it (the inputs and the block mask); it includes the call's own out, dq, dk, dv."""
+    allow_retained_backward()
+    inputs, grad_out = leaf_inputs(MEMORY_SHAPE, device)
+    q, k, v = inputs
+    S = MEMORY_SHAPE["S"]
+    if impl in ("ours", "pt"):
+        if impl == "ours":
+            import inductor_flex as module
+        else:
+            from torch.nn.attention import flex_attention as module
+        block_mask = module.create_block_mask(causal, None, None, S, S, device=device)
+        torch._dynamo.reset()
+        compiled = torch.compile(module.flex_attention, mode=MODES[mode])
+
+        def forward():
+            return compiled(q, k, v, block_mask=block_mask)
+    else:
+        backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}[impl]
+
+        def forward():
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+    def forward_backward():
+        return torch.autograd.grad(forward(), inputs, grad_out)
+
+    for _ in range(2):  # compile, autotune and first-call caches happen here, uncounted
+        forward_backward()
+    torch.cuda.synchronize()
+    gc.collect()
+    torch.cuda.reset_peak_memory_stats()
+    held = torch.cuda.memory_allocated()
+    grads = forward_backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - held
+    del grads
+    return peak, held
+
+
+def run_memory(impls, mode, device="cuda"):
+    rows = []
+    for impl in impls:
+        row = dict(impl=impl, mode=mode if impl in ("ours", "pt") else "-", **MEMORY_SHAPE)
+        try:
+            peak, held = measure_peak_memory(impl, mode, device)
+            row.update(peak_mib=peak / 2**20, held_mib=held / 2**20)
+            log(f"memory {impl}: peak {row['peak_mib']:.0f} MiB "
+                f"over {row['held_mib']:.0f} MiB held")
+        except Exception as error:
+            row["error"] = _one_line(error)
+            log(f"memory {impl} failed: {_one_line(error)}")
+        _free_device_memory(device)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------
+
+def _cell(row, key, spec=".0f", error_keys=()):
+    """The number at ``key``; ``err`` where it failed; ``-`` where it does not apply."""
+    if key in row:
+        return format(row[key], spec)
+    if "error" in row or any(k in row for k in error_keys):
+        return "err"
+    return "-"
+
+
+def print_case_table(results, modes):
+    headers = ["shape", "mask"]
+    for mode in modes:
+        tag = "" if mode == "default" else "MA "
+        headers += [f"{tag}ours bwd TF", f"{tag}pt bwd TF", f"{tag}ratio",
+                    f"{tag}ours fwd+bwd TF", f"{tag}pt fwd+bwd TF", f"{tag}ratio",
+                    f"{tag}compile s ours/pt", f"{tag}grad diff"]
+    headers += ["cuDNN bwd TF", "flash bwd TF", "dense bwd TF"]
+    rows = []
+    for r in results:
+        line = [r["shape"], r["mask"]]
+        for mode in modes:
+            ours, pt = (f"ours_{mode}_error",), (f"pt_{mode}_error",)
+            line += [
+                _cell(r, f"ours_{mode}_bwd_tflops", error_keys=ours),
+                _cell(r, f"pt_{mode}_bwd_tflops", error_keys=pt),
+                _cell(r, f"ratio_{mode}_bwd", ".2f", ours + pt),
+                _cell(r, f"ours_{mode}_fwdbwd_tflops", error_keys=ours),
+                _cell(r, f"pt_{mode}_fwdbwd_tflops", error_keys=pt),
+                _cell(r, f"ratio_{mode}_fwdbwd", ".2f", ours + pt),
+                f"{_cell(r, f'ours_{mode}_compile_s', '.1f', ours)}/"
+                f"{_cell(r, f'pt_{mode}_compile_s', '.1f', pt)}",
+                _cell(r, f"grad_maxdiff_{mode}", ".2g", ours + pt),
+            ]
+        line += [_cell(r, f"sdpa_{name}_bwd_tflops", error_keys=(f"sdpa_{name}_error",))
+                 for name in ("cudnn", "flash", "dense")]
+        rows.append(line)
+    print_markdown(headers, rows)
+
+
+def print_memory_table(rows):
+    shape = MEMORY_SHAPE
+    print(f"\nPeak memory of one forward + backward, causal, B={shape['B']} H={shape['H']} "
+          f"S={shape['S']} D={shape['D']} bf16 (MiB over the inputs and block mask; "
+          f"out + dq + dk + dv alone are "
+          f"{4 * shape['B'] * shape['H'] * shape['S'] * shape['D'] * 2 / 2**20:.0f} MiB)")
+    print_markdown(["impl", "mode", "peak MiB", "held before MiB"],
+                   [[r["impl"], r["mode"], _cell(r, "peak_mib"), _cell(r, "held_mib")]
+                    for r in rows])
+
+
+# ---------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------
+
+def _names(parser, text, known, what):
+    names = [name for name in text.split(",") if name]
+    unknown = [name for name in names if name not in known]
+    if unknown:
+        parser.error(f"unknown {what} {unknown}; choose from {list(known)}")
+    return names
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default="big,small",
+                        help=f"comma list of {list(SHAPES)} (empty: no timing cases)")
+    parser.add_argument("--masks", default=",".join(MASKS), help=f"comma list of {MASKS}")
+    parser.add_argument("--modes", default="default", help=f"comma list of {list(MODES)}")
+    parser.add_argument("--baselines", default="pt,sdpa", help="comma list of pt, sdpa (or none)")
+    parser.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                        help="peak memory of forward + backward at S=32768, causal "
+                             "(ours, pt, SDPA flash, SDPA cuDNN), in the first of --modes")
+    parser.add_argument("--json", default=None, help="write all numbers to this file")
+    parser.add_argument("--no-check", action="store_true",
+                        help="skip comparing ours' out/dq/dk/dv with pt's")
+    parser.add_argument("--ours-options", default=None,
+                        help='kernel_options for inductor_flex only, as JSON ({"USE_TMA": true})')
+    parser.add_argument("--warmup", type=float, default=25, help="do_bench warmup, ms")
+    parser.add_argument("--rep", type=float, default=100, help="do_bench repetition time, ms")
+    args = parser.parse_args(argv)
+    args.shapes = _names(parser, args.shapes, SHAPES, "shapes")
+    args.masks = _names(parser, args.masks, MASKS, "masks")
+    args.modes = _names(parser, args.modes, MODES, "modes")
+    if not args.modes:
+        parser.error("--modes needs at least one compile mode")
+    args.baselines = set(_names(parser, args.baselines, ("pt", "sdpa", "none"), "baselines"))
+    if args.ours_options:
+        try:
+            args.ours_options = json.loads(args.ours_options)
+        except json.JSONDecodeError as error:
+            parser.error(f"--ours-options is not JSON: {error}")
+        if not isinstance(args.ours_options, dict):
+            parser.error("--ours-options must be a JSON object")
+    return args
+
+
+def require_cuda_and_triton():
+    """Exit with a clear message where the benchmark cannot run."""
+    if not torch.cuda.is_available():
+        sys.exit("bench_backward.py needs a CUDA GPU: torch.cuda.is_available() is False")
+    try:
+        importlib.import_module("triton.testing")  # do_bench lives there
+    except ImportError as error:
+        sys.exit(f"bench_backward.py needs Triton for do_bench: {error}")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    require_cuda_and_triton()
+    allow_retained_backward()
+    bench = functools.partial(bench_ms, warmup=args.warmup, rep=args.rep)
+    report = dict(device=torch.cuda.get_device_name(), torch=torch.__version__, cases=[], memory=[])
+    log(f"{report['device']}  torch {report['torch']}")
+
+    def save():
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(report, f, indent=1)
+
+    for shape in args.shapes:
+        for mask in args.masks:
+            try:
+                row = run_case(shape, mask, args.modes, args.baselines, bench,
+                               check=not args.no_check, ours_options=args.ours_options)
+            except Exception as error:  # keep going: one failure should not lose the table
+                log(f"{shape} {mask} failed: {_one_line(error)}")
+                row = dict(shape=shape, mask=mask, error=_one_line(error))
+            report["cases"].append(row)
+            print(json.dumps(row), flush=True)
+            _free_device_memory("cuda")
+            save()
+
+    if args.memory:
+        impls = ["ours"] + (["pt"] if "pt" in args.baselines else []) + (
+            ["flash", "cudnn"] if "sdpa" in args.baselines else [])
+        report["memory"] = run_memory(impls, args.modes[0])
+        save()
+
+    if report["cases"]:
+        print_case_table(report["cases"], args.modes)
+    if report["memory"]:
+        print_memory_table(report["memory"])
+    log("done")
+
+
+if __name__ == "__main__":
+    main()
