@@ -7,6 +7,7 @@ dynamic shapes; and peak memory of a compiled call against the eager one.
 """
 import ctypes
 import math
+import warnings
 
 import pytest
 import torch
@@ -273,3 +274,58 @@ def test_inductor_mod_reading_a_symbolic_size():
         for t, leaf in zip((query, key, value), leaves):
             torch.testing.assert_close(t.grad, leaf.grad)
     assert counter.frame_count == 1
+
+
+def _softcap(score, b, h, q_idx, kv_idx):
+    return 30.0 * torch.tanh(score / 30.0)  # tanh's backward decomposes with dtype casts
+
+
+def _distance_decay(score, b, h, q_idx, kv_idx):
+    return score * torch.cos((q_idx - kv_idx).float() / 8.0)  # .float() traces as a cast
+
+
+@pytest.mark.parametrize("score_mod", [_softcap, _distance_decay])
+def test_extern_mods_avoid_ops_vmap_cannot_batch(score_mod, monkeypatch):
+    """AOT tracing turns dtype casts into prims.convert_element_type, which vmap has no
+    batching rule for: the dense kernel would evaluate such a mod one score at a time
+    (seconds instead of milliseconds). The mods sent to the extern ops must not use it."""
+    from inductor_flex.lowering import extern
+
+    sources = []
+
+    def recording_mod_to_source(graph_module):
+        source, constants = original_mod_to_source(graph_module)
+        sources.append(source)
+        return source, constants
+
+    original_mod_to_source = extern.mod_to_source
+    monkeypatch.setattr(extern, "mod_to_source", recording_mod_to_source)
+    block_mask = create_block_mask(causal, None, None, 32, 32, device="cpu", BLOCK_SIZE=16)
+
+    def attend(query, key, value):
+        return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask)
+
+    def output_and_grads(fn, dtype):
+        tensors = [t.detach().to(dtype).requires_grad_()
+                   for t in make_inputs(torch.float64, q_heads=2, kv_heads=2, q_len=32,
+                                        kv_len=32)[:3]]
+        out = fn(*tensors)
+        return [out.detach()] + list(torch.autograd.grad(out.sum(), tensors))
+
+    reference = output_and_grads(attend, torch.float64)
+    eager = output_and_grads(attend, torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = output_and_grads(torch.compile(attend, backend="inductor", fullgraph=True),
+                                    torch.bfloat16)
+    # Forward score_mod and mask_mod, backward score_mod, score gradient and mask_mod.
+    assert len(sources) == 5, sources
+    assert not [s for s in sources if "prims." in s], sources
+    assert any("aten._to_copy" in s for s in sources), "the casts should have been rewritten"
+    unbatched = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+    assert not unbatched, unbatched[:1]
+    # The score gradient comes from the joint graph, traced in bf16, so it is rounded where
+    # eager's is not: compare errors against float64, as the error-ratio test does.
+    for compiled_error, eager_error in zip(max_error(compiled, reference),
+                                           max_error(eager, reference)):
+        assert compiled_error <= 1.1 * eager_error, (compiled_error, eager_error)
