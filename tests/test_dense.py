@@ -494,7 +494,8 @@ def rounding_case(dtype, seed):
 def explicit_rounding_reference(query, key, value, grad_out, grad_lse, state, scale, operand_dtype):
     """Whole-matrix float32 attention with ``rounding_score_mod`` / ``rounding_mask_mod``, written
     out by hand: P rounded to ``operand_dtype`` before P @ V and P^T @ dO, the raw-score gradient
-    dS before dS @ K and dS^T @ Q (no rounding for None). Returns float32 out, dq, dk, dv."""
+    dS before dS @ K and dS^T @ Q, the softmax row term from the rounded output (no rounding
+    for None). Returns float32 out, dq, dk, dv."""
     query, key, value, grad_out = (t.float() for t in (query, key, value, grad_out))
     q_len, kv_len = query.shape[2], key.shape[2]
 
@@ -512,7 +513,10 @@ def explicit_rounding_reference(query, key, value, grad_out, grad_lse, state, sc
     out = rounded(probs) @ value
     grad_value = rounded(probs).transpose(-1, -2) @ grad_out
     grad_probs = grad_out @ value.transpose(-1, -2)
-    row_dot = (probs * grad_probs).sum(-1, keepdim=True) - grad_lse.unsqueeze(-1)
+    # In half precision the row term reads the returned (rounded) output, as a kernel does.
+    returned = (probs * grad_probs).sum(-1, keepdim=True) if operand_dtype is None else (
+        (grad_out * rounded(out)).sum(-1, keepdim=True))
+    row_dot = returned - grad_lse.unsqueeze(-1)
     grad_raw = rounded(probs * (grad_probs - row_dot) * 0.75)  # 0.75: d score_mod / d score
     return out, grad_raw @ key * scale, grad_raw.transpose(-1, -2) @ query * scale, grad_value
 

@@ -288,13 +288,15 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
     inputs) rather than read back from the float32 ``logsumexp``, so the result is exact to
     that precision up to the float16/bfloat16 rounding of P (before ``P^T @ dO``) and of the
     raw-score gradient dS (before ``dS @ K`` and ``dS^T @ Q``) that the module docstring
-    describes; the softmax gradient itself uses the unrounded P. ``out`` and ``logsumexp``
-    are accepted to match the operator's signature. The softmax and matmul gradients are
+    describes; the softmax gradient itself uses the unrounded P, and its row term
+    rowsum(dO * out) reads ``out`` (the forward's result, in the input dtype) for float16 /
+    bfloat16 inputs and recomputes it otherwise. ``logsumexp`` is accepted to match the
+    operator's signature. The softmax and matmul gradients are
     written out; the score_mod's own gradient (with respect to its score and its buffers)
     comes from ``torch.func.vjp``, which works whatever the surrounding grad mode or
     dispatch state.
     """
-    del out, logsumexp
+    del logsumexp
     buffers = tuple(score_mod_other_buffers)
     if buffers_requiring_grad is None:
         buffers_requiring_grad = [_wants_grad(b) for b in buffers]
@@ -339,7 +341,14 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
             # d loss / d probs, then through the softmax: p * (dP - rowsum(p * dP) + dlse).
             grad_scores = torch.matmul(grad_out_rows, problem.value.transpose(-1, -2))
             # rowsum(p * dP) = rowsum(dO * (p @ V)): a [rows, Ev] product instead of [rows, N].
-            row_dot = (grad_out_rows * torch.matmul(probs, problem.value)).sum(-1, keepdim=True)
+            # In float16/bfloat16 p @ V is the output the forward returned, rounded to that
+            # dtype, as a fused kernel (which keeps only that output) must read it too.
+            if problem.operand_dtype is None:
+                out_rows = torch.matmul(probs, problem.value)
+            else:
+                out_rows = stacking.to_rows(out[:, :, start:stop]).to(work)
+            row_dot = (grad_out_rows * out_rows).sum(-1, keepdim=True)
+            del out_rows
             if grad_logsumexp is not None:
                 lse_rows = stacking.to_rows(grad_logsumexp[:, :, start:stop].unsqueeze(-1))
                 row_dot = row_dot - lse_rows.to(work)
