@@ -89,9 +89,13 @@ def _delta(out, grad_out, grad_lse):
 
 
 def _zeros_float32(size, device):
+    """A realized float32 zero buffer (kept as a TensorBox: it is also a returned value)."""
     from torch._inductor.lowering import full
 
-    return realize_fixed(full(list(size), 0.0, dtype=torch.float32, device=device))
+    zeros = full(list(size), 0.0, dtype=torch.float32, device=device)
+    zeros.realize()
+    zeros.freeze_layout()
+    return zeros
 
 
 def _use_tma(kernel_options, problem, tensors) -> bool:
