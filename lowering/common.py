@@ -51,6 +51,14 @@ def static_float(value, known: dict) -> Optional[float]:
         try:
             return float(value)
         except (TypeError, ValueError):
+            pass
+        # Some versions keep functions of constants (sqrt of a guarded head dim) unevaluated
+        # in sympy; Python evaluates their printed form.
+        from torch.utils._sympy.printers import PythonPrinter
+
+        try:
+            return float(eval(PythonPrinter().doprint(value), {"math": math}))
+        except Exception:  # anything the printer or eval rejects: not a constant we can read
             return None
     return None
 

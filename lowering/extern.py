@@ -34,6 +34,7 @@ implementations return those layouts too, since Inductor checks the strides of e
 outputs.
 """
 import contextlib
+import math
 import importlib
 from typing import Callable, Optional, Sequence
 
@@ -187,7 +188,8 @@ def scale_value(scale: float, scale_source: str, scale_symbols: Sequence[int]) -
         return scale
     function = _compiled_scales.get(scale_source)
     if function is None:
-        function = eval(compile(scale_source, "<inductor_flex scale>", "eval"), {"torch": torch})
+        function = eval(compile(scale_source, "<inductor_flex scale>", "eval"),
+                        {"torch": torch, "math": math})
         _compiled_scales[scale_source] = function
     return float(function(*scale_symbols))
 

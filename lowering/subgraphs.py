@@ -148,7 +148,7 @@ def graph_uses_op(mod: ir.Subgraph, targets) -> bool:
 # the indices the mod read": ``index_put_(full(shape, 0), [i, j, ...], value, accumulate)``
 # (several such terms, chained or added, when the mod reads the buffer more than once).
 # Over the whole score grid the contributions sum, so the kernel adds each term's value at
-# its indices atomically into a float32 buffer. The terms are pulled apart on the FX graph,
+# its indices atomically into a float32 (or float64, see lowering/backward.py) buffer. The terms are pulled apart on the FX graph,
 # their indices and values lowered as ordinary scalar expressions, and each term becomes an
 # ``ir.Scatter`` named after its float32 gradient buffer, which ``modification`` emits as
 # a masked ``tl.atomic_add``.
@@ -207,8 +207,8 @@ def _graph_of_outputs(graph_module: torch.fx.GraphModule, outputs: list) -> torc
 def _atomic_scatter(grad_buffer, index_values: list, value, device) -> ir.ComputedBuffer:
     """``grad_buffer[indices] += value`` as a Scatter that ``modification`` emits atomically.
 
-    ``grad_buffer`` is a contiguous float32 buffer; the ComputedBuffer carries its name and
-    layout so the store lands in it."""
+    ``grad_buffer`` is a contiguous float32 or float64 buffer; the ComputedBuffer carries
+    its name and layout so the store lands in it."""
     index_loaders = [i.make_loader() for i in index_values]
     value_loader = value.make_loader()
     sizes = grad_buffer.get_size()
@@ -217,10 +217,12 @@ def _atomic_scatter(grad_buffer, index_values: list, value, device) -> ir.Comput
         return [ops.indirect_indexing(load(()), size, check=False)
                 for load, size in zip(index_loaders, sizes)]
 
-    def inner_fn(_):
-        return ops.to_dtype(value_loader(()), torch.float32)
+    accumulate_dtype = grad_buffer.get_dtype()
 
-    scatter = ir.Scatter(device=device, dtype=torch.float32, inner_fn=inner_fn, ranges=[],
+    def inner_fn(_):
+        return ops.to_dtype(value_loader(()), accumulate_dtype)
+
+    scatter = ir.Scatter(device=device, dtype=accumulate_dtype, inner_fn=inner_fn, ranges=[],
                          output_indexer=output_indexer, scatter_mode="atomic_add")
     return ir.ComputedBuffer(name=grad_buffer.get_name(), layout=grad_buffer.get_layout(),
                              data=scatter)
