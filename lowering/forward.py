@@ -140,8 +140,19 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     out_size = [batch, q_heads, q_len, v_head_dim]
     layout = ir.FixedLayout(device, dtype, out_size, stride=dense_strides_like(query, out_size))
     lse = empty_strided([batch, q_heads, q_len], None, dtype=torch.float32, device=device)
-    max_scores = empty_strided([batch, q_heads, q_len], None, dtype=torch.float32, device=device)
-    input_nodes = [query, key, value, lse, max_scores] + mask_inputs
+    # max_scores gets a full buffer only when the graph reads it; otherwise the kernel's MAX
+    # argument is a one-element placeholder (never written: OUTPUT_MAX is False) and the
+    # returned max_scores is an unrealized fill that dead-code elimination drops.
+    output_max = output_used(2, option_flag(kernel_options, "OUTPUT_MAX", True))
+    if output_max:
+        max_scores = empty_strided([batch, q_heads, q_len], None, dtype=torch.float32, device=device)
+        max_argument = max_scores
+    else:
+        from torch._inductor.lowering import full
+
+        max_scores = full([batch, q_heads, q_len], float("nan"), dtype=torch.float32, device=device)
+        max_argument = empty_strided([1, 1, 1], None, dtype=torch.float32, device=device)
+    input_nodes = [query, key, value, lse, max_argument] + mask_inputs
 
     # --- constants decided here, not in the kernel ---------------------------------------------
     prescale = option_flag(kernel_options, "PRESCALE_QK")
@@ -176,7 +187,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
                                     blocks_in_order and CONTIGUOUS_WHEN_KNOWN),
         WARP_SPECIALIZE=option_flag(kernel_options, "WARP_SPECIALIZE"),
         OUTPUT_LOGSUMEXP=output_used(1, option_flag(kernel_options, "OUTPUT_LOGSUMEXP", True)),
-        OUTPUT_MAX=output_used(2, option_flag(kernel_options, "OUTPUT_MAX", True)),
+        OUTPUT_MAX=output_max,
         FLOAT32_PRECISION="'ieee'" if _compat.float32_matmul_is_ieee() else "'tf32'",
     )
 
@@ -200,7 +211,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
             input_nodes=input_nodes,
             layout=layout,
             subgraphs=[score_buffer, mask_buffer],
-            mutated_inputs=[lse, max_scores],
+            mutated_inputs=[lse, max_scores] if output_max else [lse],
             call_sizes=query.get_size(),
             num_stages=config.num_stages,
             num_warps=config.num_warps,
