@@ -17,6 +17,7 @@ same size and only reordered float32 sums separate the two. It is 10 for float32
 errors are float32 rounding of differently ordered sums and exp2/log2 in place of exp/log.
 A wrong mask, index, scale or missing gradient term costs orders of magnitude more.
 """
+import math
 import re
 
 import torch
@@ -211,6 +212,19 @@ def check_grads_against_golden(q, k, v, compiled=None, buffers=(), mods=None, gr
         if name.startswith("d"):
             assert value.stride() == reference.stride(), (name, value.stride(), reference.stride())
             assert torch.isfinite(value).all(), f"non-finite compiled {name}"
-        assert err <= factor * eager_err + floor, (
-            f"{name} error {err:.3g} vs eager {eager_err:.3g} (allowed {factor} x eager + {floor:.2g})")
+        allowed = factor * _few_samples_allowance(value.numel()) if name.startswith("d_buffer") else factor
+        assert err <= allowed * eager_err + floor, (
+            f"{name} error {err:.3g} vs eager {eager_err:.3g} (allowed {allowed:.3g} x eager + {floor:.2g})")
     return got, golden
+
+
+def _few_samples_allowance(numel: int) -> float:
+    """How much a mean-abs error over ``numel`` values may exceed another of the same law
+    by chance. A buffer gradient with few elements (a per-head scale: 4 values) sums a
+    whole head's rounding noise into each value, so both errors are a handful of random
+    draws: the relative spread of a mean of n half-normal errors is sqrt(pi/2 - 1)/sqrt(n)
+    ~ 0.76/sqrt(n), about 1.07/sqrt(n) for the ratio of two, and this allows two of those
+    spreads. It is ~1 for the large tensors (a [B, H, S, S] bias: 1.004); out, lse, dq, dk
+    and dv keep the plain factor. (Seen on the H100: a [4] scale measured 0.80x the eager
+    error with one seed, 1.83x with another.)"""
+    return 1.0 + 2.2 / math.sqrt(max(1, numel))
