@@ -29,9 +29,8 @@ from inductor_flex import _compat
 from .common import (
     MAX_GRID_YZ,
     attention_problem,
-    autotune_select_algorithm_compat,
-    block_counts_for_autotune,
-    block_indices_for_autotune,
+    block_mask_input_generators,
+    choose_kernel,
     dense_strides_like,
     known_empty,
     known_true,
@@ -39,7 +38,7 @@ from .common import (
     realize_captured,
     realize_fixed,
     record_subgraph_symbols,
-    template_source,
+    cached_template,
     tma_compatible,
 )
 from .configs import padded_head_dim, select_backward_configs
@@ -55,9 +54,6 @@ from .subgraphs import (
 
 LOG2E = 1.4426950408889634
 
-_template = None
-
-
 def _backward_grid(batch, q_heads, q_len, qk_head_dim, kv_heads, kv_len, meta, *, cdiv):
     """Axis 0: the dK/dV programs (one per BLOCK_N1 keys), then the dQ programs (one per
     BLOCK_M2 query rows and query head of the GQA group); axes 1, 2: batch, kv head."""
@@ -66,15 +62,8 @@ def _backward_grid(batch, q_heads, q_len, qk_head_dim, kv_heads, kv_len, meta, *
 
 
 def backward_template():
-    """The backward TritonTemplate (created once; Inductor registers templates by name)."""
-    global _template
-    if _template is None:
-        from torch._inductor.select_algorithm import SymbolicGridFn
-
-        _template = _compat.make_triton_template(
-            name="inductor_flex_bwd", grid=SymbolicGridFn(_backward_grid),
-            source=template_source("backward.py.jinja"))
-    return _template
+    """The backward TritonTemplate."""
+    return cached_template("inductor_flex_bwd", _backward_grid, "backward.py.jinja")
 
 
 def _delta(out, grad_out, grad_lse):
@@ -237,52 +226,21 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         USE_TMA=_use_tma(kernel_options, problem, (query, key, value, grad_out)),
     )
 
-    template = backward_template()
-    choices, errors = [], []
-    mutated = [grad_query, grad_value] + [g for g in grad_buffers if g is not None]
-    for config in configs:
-        error = template.maybe_append_choice(
-            choices,
-            input_nodes=input_nodes,
-            layout=layout,
-            subgraphs=[score_buffer, mask_buffer, grad_score_buffer, scatters],
-            mutated_inputs=mutated,
-            call_sizes=list(query.get_size()) + [kv_heads, kv_len],
-            num_stages=config.num_stages,
-            num_warps=config.num_warps,
-            BLOCK_M1=config.block_m1,
-            BLOCK_N1=config.block_n1,
-            BLOCK_M2=config.block_m2,
-            BLOCK_N2=config.block_n2,
-            **constants,
-        )
-        if error is not None:
-            errors.append(error)
-    if not choices:
-        raise RuntimeError(f"inductor_flex: no backward kernel could be generated for configs "
-                           f"{configs}: {errors[0] if errors else 'unknown'}")
-
-    # Autotuning runs the kernel on made-up inputs: the block lists must be valid data. The
-    # kernel's arguments are the named inputs, then the buffers the inlined mods read (and
-    # add into), in the order the rendered kernel first uses them.
-    autotune_inputs = list(choices[0].input_nodes)
-    first_mask = 8
-    input_gen_fns = {
-        first_mask: block_counts_for_autotune(kv_indices, True, has_full_blocks),
-        first_mask + 1: block_indices_for_autotune,
-        first_mask + 2: block_counts_for_autotune(q_indices, True, has_full_blocks),
-        first_mask + 3: block_indices_for_autotune,
-    }
+    launches = [(config.num_warps, config.num_stages,
+                 dict(constants, BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
+                      BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2))
+                for config in configs]
+    block_lists = [(kv_indices, True), (q_indices, True)]
     if has_full_blocks:
-        input_gen_fns.update({
-            first_mask + 4: block_counts_for_autotune(full_kv_indices, False, has_full_blocks),
-            first_mask + 5: block_indices_for_autotune,
-            first_mask + 6: block_counts_for_autotune(full_q_indices, False, has_full_blocks),
-            first_mask + 7: block_indices_for_autotune,
-        })
-    result = autotune_select_algorithm_compat("inductor_flex_attention_backward", choices,
-                                              autotune_inputs, layout, input_gen_fns)
-    grad_key = _compat.autotune_result_node(result)
+        block_lists += [(full_kv_indices, False), (full_q_indices, False)]
+    grad_key = choose_kernel(
+        backward_template(), "attention_backward", launches, input_nodes=input_nodes,
+        layout=layout, subgraphs=[score_buffer, mask_buffer, grad_score_buffer, scatters],
+        mutated_inputs=[grad_query, grad_value] + [g for g in grad_buffers if g is not None],
+        call_sizes=list(query.get_size()) + [kv_heads, kv_len],
+        # The block-mask tensors follow the eight named tensors (q ... dV).
+        input_generators=block_mask_input_generators(8, block_lists, has_full_blocks),
+        describe=str(configs))
     record_subgraph_symbols(grad_key, score_mod_other_buffers + mask_mod_other_buffers,
                             [score_buffer, mask_buffer, grad_score_buffer] + list(scatters))
 

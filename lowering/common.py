@@ -308,3 +308,59 @@ def attention_problem(query, key, value, mods: Sequence, sparse_q_block, sparse_
     return AttentionProblem(dtype, batch, q_heads, q_len, kv_batch, kv_heads, kv_len,
                             qk_head_dim, v_head_dim, scale, sparse_q_block, sparse_kv_block,
                             capability)
+
+
+def block_mask_input_generators(first_position: int, block_lists: Sequence,
+                                has_full_blocks: bool) -> dict:
+    """Autotuning input generators for the block-mask tensors of a kernel's argument list:
+    ``block_lists`` holds one ``(indices node, partial)`` per (counts, indices) pair, the
+    pairs standing in that order from ``first_position`` on."""
+    generators = {}
+    for pair, (indices, partial) in enumerate(block_lists):
+        position = first_position + 2 * pair
+        generators[position] = block_counts_for_autotune(indices, partial, has_full_blocks)
+        generators[position + 1] = block_indices_for_autotune
+    return generators
+
+
+def choose_kernel(template, name: str, launches: Sequence, *, input_nodes, layout, subgraphs,
+                  mutated_inputs, call_sizes, input_generators: dict, describe: str):
+    """Render one choice of ``template`` per launch ``(num_warps, num_stages, options)`` and
+    let ``autotune_select_algorithm`` pick (a single choice is taken without timing).
+
+    Autotuning runs the kernel on made-up inputs: ``input_generators`` makes the block-mask
+    tensors valid data. The kernel's arguments are the named inputs, then the buffers the
+    inlined mods read (and add into), in the order the rendered kernel first uses them,
+    which the first choice records. Returns the chosen kernel's output node."""
+    from inductor_flex import _compat
+
+    choices, errors = [], []
+    for num_warps, num_stages, options in launches:
+        error = template.maybe_append_choice(
+            choices, input_nodes=input_nodes, layout=layout, subgraphs=subgraphs,
+            mutated_inputs=mutated_inputs, call_sizes=call_sizes, num_stages=num_stages,
+            num_warps=num_warps, **options)
+        if error is not None:
+            errors.append(error)
+    if not choices:
+        raise RuntimeError(f"inductor_flex: no {name} kernel could be generated for configs "
+                           f"{describe}: {errors[0] if errors else 'unknown'}")
+    result = autotune_select_algorithm_compat(f"inductor_flex_{name}", choices,
+                                              list(choices[0].input_nodes), layout,
+                                              input_generators)
+    return _compat.autotune_result_node(result)
+
+
+_templates: dict = {}
+
+
+def cached_template(name: str, grid, main_file: str):
+    """The TritonTemplate ``name`` (created once: Inductor registers templates by name)."""
+    if name not in _templates:
+        from torch._inductor.select_algorithm import SymbolicGridFn
+
+        from inductor_flex import _compat
+
+        _templates[name] = _compat.make_triton_template(
+            name=name, grid=SymbolicGridFn(grid), source=template_source(main_file))
+    return _templates[name]

@@ -23,9 +23,8 @@ from inductor_flex import _compat
 
 from .common import (
     attention_problem,
-    autotune_select_algorithm_compat,
-    block_counts_for_autotune,
-    block_indices_for_autotune,
+    block_mask_input_generators,
+    choose_kernel,
     dense_strides_like,
     known_contiguous,
     known_empty,
@@ -35,7 +34,7 @@ from .common import (
     realize_captured,
     realize_fixed,
     record_subgraph_symbols,
-    template_source,
+    cached_template,
     tma_compatible,
 )
 from .configs import configs_summary, padded_head_dim, select_forward_configs
@@ -53,24 +52,14 @@ LOG2E = 1.4426950408889634
 # the index-free loop measured 10-15% slower (docs/kernels.md); the flag stays for retuning.
 CONTIGUOUS_WHEN_KNOWN = False
 
-_template = None
-
-
 def _forward_grid(batch, q_heads, q_len, head_dim, meta, *, cdiv):
     """One program per (BLOCK_M query rows, batch, query head)."""
     return (cdiv(q_len, meta["BLOCK_M"]), batch, q_heads)
 
 
 def forward_template():
-    """The forward TritonTemplate (created once; Inductor registers templates by name)."""
-    global _template
-    if _template is None:
-        from torch._inductor.select_algorithm import SymbolicGridFn
-
-        _template = _compat.make_triton_template(
-            name="inductor_flex_fwd", grid=SymbolicGridFn(_forward_grid),
-            source=template_source("forward.py.jinja"))
-    return _template
+    """The forward TritonTemplate."""
+    return cached_template("inductor_flex_fwd", _forward_grid, "forward.py.jinja")
 
 
 # ---------------------------------------------------------------------------------------
@@ -192,9 +181,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     )
 
     # --- one choice per config -----------------------------------------------------------------
-    template = forward_template()
-    choices = []
-    errors = []
+    launches = []
     seen = set()
     for config in configs:
         use_tma = (config.tma if tma_requested is None else bool(tma_requested)) and tma_possible
@@ -206,36 +193,16 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         # The query side only needs BLOCK_M to divide Q_LEN: partial query tiles never read
         # the block mask beyond its last row.
         options["IS_DIVISIBLE"] = divisible and known_true(sympy.Eq(sympy.Mod(q_len, config.block_m), 0))
-        error = template.maybe_append_choice(
-            choices,
-            input_nodes=input_nodes,
-            layout=layout,
-            subgraphs=[score_buffer, mask_buffer],
-            mutated_inputs=[lse, max_scores] if output_max else [lse],
-            call_sizes=query.get_size(),
-            num_stages=config.num_stages,
-            num_warps=config.num_warps,
-            **options,
-        )
-        if error is not None:
-            errors.append(error)
-    if not choices:
-        raise RuntimeError(f"inductor_flex: no forward kernel could be generated for configs "
-                           f"{configs_summary(configs)}: {errors[0] if errors else 'unknown'}")
+        launches.append((config.num_warps, config.num_stages, options))
 
-    # The kernel's arguments: the named inputs, then the captured buffers the inlined mods
-    # read, in the order the rendered kernel first uses them.
-    autotune_inputs = list(choices[0].input_nodes)
-    input_gen_fns = {
-        5: block_counts_for_autotune(kv_indices, True, has_full_blocks),
-        6: block_indices_for_autotune,
-    }
-    if has_full_blocks:
-        input_gen_fns[7] = block_counts_for_autotune(full_kv_indices, False, has_full_blocks)
-        input_gen_fns[8] = block_indices_for_autotune
-    result = autotune_select_algorithm_compat("inductor_flex_attention", choices, autotune_inputs,
-                                              layout, input_gen_fns)
-    out = _compat.autotune_result_node(result)
+    block_lists = [(kv_indices, True)] + ([(full_kv_indices, False)] if has_full_blocks else [])
+    out = choose_kernel(
+        forward_template(), "attention", launches, input_nodes=input_nodes, layout=layout,
+        subgraphs=[score_buffer, mask_buffer],
+        mutated_inputs=[lse, max_scores] if output_max else [lse],
+        call_sizes=query.get_size(),
+        input_generators=block_mask_input_generators(5, block_lists, has_full_blocks),
+        describe=configs_summary(configs))
     record_subgraph_symbols(out, score_mod_other_buffers + mask_mod_other_buffers,
                              [score_buffer, mask_buffer])
     return out, lse, max_scores
