@@ -90,10 +90,10 @@ def _zeros(size, dtype, device):
 
 
 # A buffer gradient whose elements each receive more than this many scores' contributions
-# (a per-head scale: B * S * S of them) is accumulated in float64: a long chain of float32
-# atomic adds into one address loses digits in proportion to its length (measured: 1.8x the
-# eager error for a [H] scale at S=256), float64 keeps them. Tables with about one
-# contribution per element (a full [B, H, S, S] bias) stay float32.
+# (a per-head scale: B * S * S of them) is accumulated in float64: a chain of float32 atomic
+# adds into one address rounds at every add, and over ~10^5 adds that can approach the
+# float32 result's own precision; float64 keeps it far below. Tables with about one
+# contribution per element (a full [B, H, S, S] bias) stay float32 (half the memory).
 FLOAT64_ACCUMULATION_ABOVE = 256
 
 
