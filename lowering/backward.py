@@ -39,7 +39,7 @@ from .common import (
     realize_fixed,
     record_subgraph_symbols,
     cached_template,
-    tma_compatible,
+    tma_possible,
 )
 from .configs import padded_head_dim, select_backward_configs
 from .subgraphs import (
@@ -111,8 +111,7 @@ def _use_tma(kernel_options, problem, tensors) -> bool:
     upper = {str(k).upper(): v for k, v in kernel_options.items()}
     requested = upper.get("BWD_USE_TMA", upper.get("USE_TMA"))
     wanted = (problem.dtype in (torch.float16, torch.bfloat16)) if requested is None else bool(requested)
-    return (wanted and problem.capability >= (9, 0) and _compat.triton_has_tensor_descriptors()
-            and all(tma_compatible(x) for x in tensors))
+    return wanted and tma_possible(problem.capability, tensors)
 
 
 def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,

@@ -181,6 +181,15 @@ def tma_compatible(node) -> bool:
     return sizevars.statically_known_multiple_of(offset * itemsize, 16)
 
 
+def tma_possible(capability, tensors) -> bool:
+    """Whether tiles of ``tensors`` may come through the TMA: Hopper or newer, a Triton with
+    on-device tensor descriptors, and layouts the TMA accepts."""
+    from inductor_flex import _compat
+
+    return (capability >= (9, 0) and _compat.triton_has_tensor_descriptors()
+            and all(tma_compatible(x) for x in tensors))
+
+
 def option_flag(kernel_options, name: str, default: bool = False) -> bool:
     value = kernel_options.get(name, default)
     return default if value is None else bool(value)

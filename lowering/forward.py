@@ -35,7 +35,7 @@ from .common import (
     realize_fixed,
     record_subgraph_symbols,
     cached_template,
-    tma_compatible,
+    tma_possible,
 )
 from .configs import configs_summary, padded_head_dim, select_forward_configs
 from .subgraphs import (
@@ -154,8 +154,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         logit_scale, qk_prescale = LOG2E, scale
     # TMA: a config's preference unless the user says; only where the GPU and layouts allow.
     tma_requested = kernel_options.get("USE_TMA")
-    tma_possible = (capability >= (9, 0) and _compat.triton_has_tensor_descriptors()
-                    and all(tma_compatible(x) for x in (query, key, value)))
+    tma_allowed = tma_possible(capability, (query, key, value))
     divisible = (known_true(sympy.Eq(sympy.Mod(kv_len, sparse_kv_block), 0)))
     constants = dict(
         SPARSE_Q_BLOCK_SIZE=sparse_q_block,
@@ -184,7 +183,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     launches = []
     seen = set()
     for config in configs:
-        use_tma = (config.tma if tma_requested is None else bool(tma_requested)) and tma_possible
+        use_tma = (config.tma if tma_requested is None else bool(tma_requested)) and tma_allowed
         launch = (config.block_m, config.block_n, config.num_warps, config.num_stages, use_tma)
         if launch in seen:
             continue  # the same kernel as an earlier choice once TMA is resolved
