@@ -287,7 +287,7 @@ def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_
     is the larger one and the query step (BLOCK_M1) small; dQ programs mirror that."""
     head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
     half = _is_half(dtype)
-    if capability[0] >= 8 and half:
+    if half and (capability[0] >= 9 or capability == (8, 0)):
         # Measured on H100 (docs/kernels.md): square 64 tiles on one warpgroup at D=64; at
         # D=128 two warpgroups share 128-key (dK/dV) and 128-row (dQ) programs.
         if head_dim <= 64:
@@ -295,6 +295,13 @@ def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_
         if head_dim <= 128:
             return BackwardConfig(64, 128, 128, 64, 8, 2)
         return BackwardConfig(32, 64, 64, 32, 4, 1)
+    if half and capability[0] >= 8:
+        # Consumer parts: about 100 KB of shared memory.
+        if head_dim <= 64:
+            return BackwardConfig(64, 64, 64, 64, 4, 2)
+        if head_dim <= 128:
+            return BackwardConfig(32, 64, 64, 32, 4, 2)
+        return BackwardConfig(16, 32, 32, 16, 4, 1)
     if capability[0] >= 8:
         if head_dim <= 64:
             return BackwardConfig(32, 64, 64, 32, 4, 2)

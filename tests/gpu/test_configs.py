@@ -1,8 +1,12 @@
-"""Tile-config selection for the forward kernel (plain Python: runs without a GPU)."""
+"""Tile-config selection for the forward and backward kernels (plain Python: runs without a GPU)."""
 import pytest
 import torch
 
 from inductor_flex.lowering.configs import (
+    BackwardConfig,
+    default_backward_config,
+    estimated_backward_shared_memory,
+    select_backward_configs,
     autotune_forward_configs,
     default_forward_config,
     estimated_shared_memory,
@@ -88,3 +92,57 @@ def test_small_or_odd_sparse_blocks():
     assert [(c.block_m, c.block_n) for c in odd] == [(32, 32)]
     assert odd[0].num_warps == 4
     assert select_forward_configs(HOPPER, torch.bfloat16, 64, 64, 8, 8, {}, max_autotune=False) == []
+
+
+# ---------------------------------------------------------------------------------------
+# Backward
+# ---------------------------------------------------------------------------------------
+
+def _backward_tiles(config):
+    return (config.block_m1, config.block_n1, config.block_m2, config.block_n2)
+
+
+@pytest.mark.parametrize("capability", [HOPPER, AMPERE, ADA])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", [(16, 16), (64, 64), (64, 32), (94, 94), (128, 128), (256, 256)])
+def test_default_backward_config_fits_the_gpu(capability, dtype, dims):
+    config = default_backward_config(capability, dtype, *dims)
+    assert all(128 % t == 0 and t >= 16 for t in _backward_tiles(config))
+    assert estimated_backward_shared_memory(config, dtype, *dims) <= shared_memory_limit(capability)
+
+
+def test_backward_defaults_on_hopper():
+    # The H100 sweep's winners (docs/kernels.md).
+    assert default_backward_config(HOPPER, torch.bfloat16, 64, 64) == BackwardConfig(64, 64, 64, 64, 4, 3)
+    assert default_backward_config(HOPPER, torch.bfloat16, 128, 128) == BackwardConfig(64, 128, 128, 64, 8, 2)
+
+
+def test_backward_options_take_the_bwd_prefix():
+    options = {"BLOCK_M1": 16, "BWD_BLOCK_M1": 32, "bwd_BLOCK_N2": 32, "NUM_WARPS": 4,
+               "bwd_num_stages": 1, "FWD_BLOCK_M": 16, "BLOCK_M": 16}
+    configs = select_backward_configs(HOPPER, torch.bfloat16, 64, 64, 128, 128, options,
+                                      max_autotune=True)
+    assert configs and all(c.block_m1 == 32 and c.block_n2 == 32 and c.num_warps == 4
+                           and c.num_stages == 1 for c in configs)
+    # forward-only options leave the backward alone
+    plain = select_backward_configs(HOPPER, torch.bfloat16, 64, 64, 128, 128,
+                                    {"FWD_BLOCK_M": 16, "BLOCK_M": 16}, max_autotune=False)
+    assert plain == [default_backward_config(HOPPER, torch.bfloat16, 64, 64)]
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"bwd_BLOCK_N1": 96}, "BLOCK_N1=96"),
+    ({"BLOCK_M2": 256}, "BLOCK_M2=256"),
+    ({"bwd_BLOCK_M1": 8}, "BLOCK_M1=8"),
+    ({"bwd_num_warps": 0}, "num_warps"),
+])
+def test_bad_backward_tile_options_raise(options, message):
+    with pytest.raises(ValueError, match=message):
+        select_backward_configs(HOPPER, torch.bfloat16, 64, 64, 128, 128, options, max_autotune=False)
+
+
+def test_backward_tiles_shrink_to_small_sparse_blocks():
+    (config,) = select_backward_configs(HOPPER, torch.bfloat16, 128, 128, 32, 32, {},
+                                        max_autotune=False)
+    assert _backward_tiles(config) == (32, 32, 32, 32)
+    assert select_backward_configs(HOPPER, torch.bfloat16, 64, 64, 8, 8, {}, max_autotune=False) == []
