@@ -4,11 +4,60 @@ User mods are written for one scalar position ``(b, h, q_idx, kv_idx)``. We run 
 a whole grid with four nested ``torch.vmap``s, so any code that is correct for scalars
 (indexing captured tensors, ``torch.where``, ``h.new_zeros(h.shape)``) is correct here,
 without materializing more than the grid asked for.
+
+Mods that arrive as traced ``torch.fx.GraphModule``s may contain ops vmap has no batching
+rule for; ``batchable`` gives the copy of such a graph that every vmap of a mod should run.
 """
+import copy
+import weakref
 from typing import Callable, Sequence
 
 import torch
+import torch.fx
 from torch import Tensor
+
+# AOT tracing with decompositions turns dtype casts into prims (from the decompositions of
+# tanh_backward, gelu, softplus, ... and of every ``.float()``), and vmap has no batching
+# rule for prims: it falls back to one call per grid element, orders of magnitude slower.
+# Each entry maps such an op to an equivalent that vmap batches, as ``(target, args,
+# kwargs)`` built from the op's own arguments.
+BATCHABLE_EQUIVALENTS: dict[Callable, Callable] = {
+    torch.ops.prims.convert_element_type.default:
+        lambda a, dtype: (torch.ops.aten._to_copy.default, (a,), {"dtype": dtype}),
+}
+
+# Module -> its rewritten copy, or None when it has nothing to rewrite. Never the module
+# itself: a value referring to its key would keep the entry alive forever.
+_batchable_copies: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _needs_rewrite(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and node.target in BATCHABLE_EQUIVALENTS
+
+
+def batchable(graph_module: Callable) -> Callable:
+    """``graph_module`` with every op of ``BATCHABLE_EQUIVALENTS`` replaced by its equivalent.
+
+    Returns a rewritten copy (the original is left alone, others may hold it) when the graph
+    has such ops, else ``graph_module`` itself; any mod that is not a ``GraphModule`` (plain
+    Python, already batchable op by op) comes back as is. Cached per module object.
+    """
+    if not isinstance(graph_module, torch.fx.GraphModule):
+        return graph_module
+    if graph_module in _batchable_copies:
+        rewritten = _batchable_copies[graph_module]
+        return graph_module if rewritten is None else rewritten
+    rewritten = None
+    if any(_needs_rewrite(node) for node in graph_module.graph.nodes):
+        graph = copy.deepcopy(graph_module.graph)
+        for node in graph.nodes:
+            if _needs_rewrite(node):
+                equivalent = BATCHABLE_EQUIVALENTS[node.target]
+                node.target, node.args, node.kwargs = equivalent(*node.args, **node.kwargs)
+        # Same attributes (tensor constants, submodules) as the original, new code.
+        rewritten = torch.fx.GraphModule(graph_module, graph, graph_module.__class__.__name__)
+    _batchable_copies[graph_module] = rewritten
+    return graph_module if rewritten is None else rewritten
 
 
 def _nest_vmaps(fn: Callable, has_score: bool, num_buffers: int) -> Callable:
@@ -33,7 +82,7 @@ def _grid_indices(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor):
 def mask_mod_grid(mask_mod: Callable, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor,
                   buffers: Sequence[Tensor] = ()) -> Tensor:
     """``mask_mod`` at every ``(b, h, q, kv)`` of the 1-D index vectors: bool ``[B, H, Q, KV]``."""
-    grid = _nest_vmaps(mask_mod, has_score=False, num_buffers=len(buffers))
+    grid = _nest_vmaps(batchable(mask_mod), has_score=False, num_buffers=len(buffers))
     out = grid(*_grid_indices(b, h, q_idx, kv_idx), *buffers)
     out = torch.as_tensor(out, device=q_idx.device)
     shape = (b.numel(), h.numel(), q_idx.numel(), kv_idx.numel())
@@ -43,6 +92,6 @@ def mask_mod_grid(mask_mod: Callable, b: Tensor, h: Tensor, q_idx: Tensor, kv_id
 def score_mod_grid(score_mod: Callable, scores: Tensor, b: Tensor, h: Tensor, q_idx: Tensor,
                    kv_idx: Tensor, buffers: Sequence[Tensor] = ()) -> Tensor:
     """``score_mod`` applied to ``scores [B, H, Q, KV]`` at the matching index vectors."""
-    grid = _nest_vmaps(score_mod, has_score=True, num_buffers=len(buffers))
+    grid = _nest_vmaps(batchable(score_mod), has_score=True, num_buffers=len(buffers))
     out = grid(scores, *_grid_indices(b, h, q_idx, kv_idx), *buffers)
     return torch.as_tensor(out, device=scores.device).expand(scores.shape)

@@ -64,7 +64,8 @@ class FlexKernelOptions(TypedDict, total=False):
     ROWS_GUARANTEED_SAFE: bool
     # Promise that each row's listed blocks are consecutive: allows linear block walks.
     BLOCKS_ARE_CONTIGUOUS: bool
-    # Backward: accumulate buffer gradients in the dQ loop (True) or the dK/dV loop (False).
+    # Accepted for compatibility and ignored: the fused backward always adds buffer
+    # gradients in its dK/dV programs (each score once).
     WRITE_DQ: bool
     # Never switch to the short-query (decoding) kernel.
     FORCE_USE_FLEX_ATTENTION: bool

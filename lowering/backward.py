@@ -27,7 +27,7 @@ from torch._inductor.virtualized import V
 from inductor_flex import _compat
 
 from .common import (
-    MAX_GRID_YZ,
+    folds_scale,
     attention_problem,
     block_mask_input_generators,
     choose_kernel,
@@ -130,9 +130,11 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     if problem is None:
         return None
     if grad_out.get_dtype() != problem.dtype or q_num_blocks is None or q_indices is None:
-        return None
-    if known_true(sympy.Gt(problem.kv_heads, MAX_GRID_YZ)):
-        return None  # kv heads are the grid's z axis
+        return None  # the dK/dV programs walk the transposed (query-side) block lists
+    if len(q_num_blocks.get_size()) != 3 or len(q_indices.get_size()) != 4:
+        return None  # a hand-built block mask of another rank: the exact path checks it
+    if (full_kv_num_blocks is None) != (full_q_num_blocks is None):
+        return None  # full blocks listed on one side only: each side must see the same set
     # Key/value batch: the query's (one dK/dV per batch) or 1 (dK/dV per query batch, then
     # summed); anything else the kernel cannot index.
     if known_true(sympy.Eq(problem.kv_batch, problem.batch)):
@@ -151,8 +153,7 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     if not configs:
         return None  # sparse blocks too small (or not a power of 2) for a tl.dot tile
 
-    has_full_blocks = all(x is not None for x in (full_kv_num_blocks, full_kv_indices,
-                                                  full_q_num_blocks, full_q_indices))
+    has_full_blocks = full_kv_num_blocks is not None and full_kv_indices is not None
     has_partial_blocks = not known_empty(kv_num_blocks)
     if has_full_blocks and known_empty(full_kv_num_blocks):
         has_full_blocks = False
@@ -204,7 +205,7 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     layout = ir.FixedLayout(device, kv_grad_dtype, dk_size, stride=dense_strides_like(key, dk_size))
     input_nodes = [query, key, value, logsumexp, delta, grad_out, grad_query, grad_value] + mask_inputs
 
-    fold_scale = not has_score_mod  # no max is taken here, so any sign of scale folds
+    fold_scale = folds_scale(has_score_mod, scale)
     divisible = (known_true(sympy.Eq(sympy.Mod(q_len, sparse_q_block), 0))
                  and known_true(sympy.Eq(sympy.Mod(kv_len, sparse_kv_block), 0)))
     constants = dict(

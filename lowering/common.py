@@ -373,3 +373,10 @@ def cached_template(name: str, grid, main_file: str):
         _templates[name] = _compat.make_triton_template(
             name=name, grid=SymbolicGridFn(grid), source=template_source(main_file))
     return _templates[name]
+
+
+def folds_scale(has_score_mod: bool, scale: float) -> bool:
+    """Whether the softmax scale can fold into the base-2 conversion (one FMA per score):
+    only without a score_mod, and only for a positive scale: masked scores are -inf before
+    the multiply, and -inf times a scale <= 0 is +inf or NaN."""
+    return not has_score_mod and scale > 0

@@ -287,7 +287,7 @@ def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_
     is the larger one and the query step (BLOCK_M1) small; dQ programs mirror that."""
     head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
     half = _is_half(dtype)
-    if half and (capability[0] >= 9 or capability == (8, 0)):
+    if half and shared_memory_limit(capability) >= 163 * 1024:  # A100, H100, B200
         # Measured on H100 (docs/kernels.md): square 64 tiles on one warpgroup at D=64; at
         # D=128 two warpgroups share 128-key (dK/dV) and 128-row (dQ) programs.
         if head_dim <= 64:

@@ -43,6 +43,7 @@ import torch.fx
 from torch import Tensor
 from torch.fx.graph import _custom_builtins
 
+from inductor_flex._mods import batchable
 from inductor_flex.ops.backward import (
     in_layouts_of_inputs,
     match_layout,
@@ -110,34 +111,14 @@ def _lift_tensor_constants(graph_module: torch.fx.GraphModule) -> tuple[torch.fx
     return graph, constants
 
 
-# AOT tracing decomposes some ops into prims (dtype casts, from the decompositions of
-# tanh_backward, gelu, softplus, ... and of every ``.float()``), and the dense kernel runs
-# the mods under vmap, which has no batching rule for prims: it would fall back to one
-# call per score element, orders of magnitude slower. Each entry maps such an op to an
-# equivalent that vmap batches, as ``(target, args, kwargs)`` from the op's arguments.
-_BATCHABLE_EQUIVALENTS: dict[Callable, Callable] = {
-    torch.ops.prims.convert_element_type.default:
-        lambda a, dtype: (torch.ops.aten._to_copy.default, (a,), {"dtype": dtype}),
-}
-
-
-def _use_batchable_ops(graph: torch.fx.Graph) -> None:
-    """Swap, in place, every op of ``_BATCHABLE_EQUIVALENTS`` for its equivalent."""
-    for node in graph.nodes:
-        equivalent = _BATCHABLE_EQUIVALENTS.get(node.target) if node.op == "call_function" else None
-        if equivalent is not None:
-            node.target, node.args, node.kwargs = equivalent(*node.args, **node.kwargs)
-
-
 def mod_to_source(graph_module: torch.fx.GraphModule) -> tuple[str, list]:
     """Self-contained Python source defining ``forward(self, *args)`` for a mod's graph.
 
     Returns the source and the tensor constants the graph read, which the caller passes
-    as trailing arguments (after the mod's own buffers). Ops that vmap cannot batch are
-    replaced by batchable equivalents (``_BATCHABLE_EQUIVALENTS``).
+    as trailing arguments (after the mod's own buffers). The source is that of the graph's
+    ``batchable`` copy, since the dense kernel runs the mod under vmap.
     """
-    graph, constants = _lift_tensor_constants(graph_module)
-    _use_batchable_ops(graph)
+    graph, constants = _lift_tensor_constants(batchable(graph_module))
     code = graph.python_code(root_module="self")
     lines = sorted({_import_line(name, value) for name, value in code.globals.items()
                     if not name.startswith("__")})

@@ -22,6 +22,7 @@ from torch._inductor import ir
 from inductor_flex import _compat
 
 from .common import (
+    folds_scale,
     attention_problem,
     block_mask_input_generators,
     choose_kernel,
@@ -147,7 +148,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     prescale = option_flag(kernel_options, "PRESCALE_QK")
     # With no score_mod and a positive scale, the scale folds into the base-2 conversion
     # (row max commutes with a positive factor), leaving one FMA per score.
-    fold_scale = not has_score_mod and scale > 0
+    fold_scale = folds_scale(has_score_mod, scale)
     if fold_scale:
         logit_scale, qk_prescale = (1.0, scale * LOG2E) if prescale else (scale * LOG2E, 1.0)
     else:

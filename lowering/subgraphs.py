@@ -173,9 +173,16 @@ def _scatter_terms(node) -> list:
     if node.op == "call_function":
         if node.target in (aten.index_put_.default, aten.index_put.default):
             base, indices, values = node.args[:3]
+            accumulate = node.args[3] if len(node.args) > 3 else node.kwargs.get("accumulate", False)
             if any(i is None for i in indices):
                 raise ModLoweringError("a buffer gradient scatters along a slice")
-            base_terms = [] if _is_zero_tensor(base) else _scatter_terms(base)
+            if len(base.users) != 1:
+                raise ModLoweringError("a buffer gradient's base tensor is shared")
+            if _is_zero_tensor(base):
+                return [(list(indices), values)]  # one write into zeros: a sum either way
+            if not accumulate:
+                raise ModLoweringError("a buffer gradient overwrites an earlier term")
+            base_terms = _scatter_terms(base)
             return base_terms + [(list(indices), values)]
         if node.target is aten.add.Tensor and all(isinstance(a, torch.fx.Node) for a in node.args[:2]):
             return _scatter_terms(node.args[0]) + _scatter_terms(node.args[1])
@@ -245,8 +252,8 @@ def build_joint_buffers(joint: ir.Subgraph, score_dtype: torch.dtype, buffers: S
                         approx_tanh: bool = False) -> tuple:
     """Lower the joint graph for the backward template.
 
-    ``grad_buffers`` holds, per score_mod buffer, the float32 gradient buffer the kernel
-    accumulates into, or None. Returns ``(grad_score, scatters)``: the score gradient as a
+    ``grad_buffers`` holds, per score_mod buffer, the float32 / float64 gradient buffer the
+    kernel accumulates into, or None. Returns ``(grad_score, scatters)``: the score gradient as a
     buffer for ``modification`` and the list of atomic scatters (possibly empty).
     Raises ``ModLoweringError`` for a buffer gradient that is not a sum of scatters.
     """

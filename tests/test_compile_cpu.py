@@ -329,3 +329,56 @@ def test_extern_mods_avoid_ops_vmap_cannot_batch(score_mod, monkeypatch):
     for compiled_error, eager_error in zip(max_error(compiled, reference),
                                            max_error(eager, reference)):
         assert compiled_error <= 1.1 * eager_error, (compiled_error, eager_error)
+
+
+@pytest.mark.parametrize("score_mod", [_softcap, _distance_decay])
+def test_decomposed_mods_run_batched_in_dense_kernel(score_mod):
+    """Under aot_eager_decomp_partition the operators' dense kernels run the traced mods
+    themselves (forward graph, and the joint graph's score gradient in the backward); the
+    casts the decompositions introduce must not push vmap onto its per-element fallback.
+    bfloat16, because tanh_backward's decomposition casts only for low-precision inputs."""
+    def attend(query, key, value):
+        return flex_attention(query, key, value, score_mod=score_mod)
+
+    def output_and_grads(fn, dtype):
+        tensors = [t.detach().to(dtype).requires_grad_()
+                   for t in make_inputs(torch.float64, q_heads=2, kv_heads=2, q_len=16,
+                                        kv_len=16)[:3]]
+        out = fn(*tensors)
+        return [out.detach()] + list(torch.autograd.grad(out.sum(), tensors))
+
+    reference = output_and_grads(attend, torch.float64)
+    eager = output_and_grads(attend, torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = output_and_grads(
+            torch.compile(attend, backend="aot_eager_decomp_partition", fullgraph=True),
+            torch.bfloat16)
+    unbatched = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+    assert not unbatched, unbatched[:1]
+    # The decomposed score gradient is computed in bf16 where eager's autograd is not:
+    # compare errors against float64, as the error-ratio test does.
+    for compiled_error, eager_error in zip(max_error(compiled, reference),
+                                           max_error(eager, reference)):
+        assert compiled_error <= 1.1 * eager_error, (compiled_error, eager_error)
+
+
+def test_batchable_rewrites_a_copy_once():
+    from inductor_flex._mods import batchable
+
+    def cast_then_scale(score):
+        return torch.ops.prims.convert_element_type.default(score, torch.float64) * 2.0
+
+    with_cast = torch.fx.symbolic_trace(cast_then_scale)
+    without_cast = torch.fx.symbolic_trace(lambda score: score * 2.0)
+    rewritten = batchable(with_cast)
+    assert rewritten is not with_cast and batchable(with_cast) is rewritten
+    targets = [n.target for n in rewritten.graph.nodes if n.op == "call_function"]
+    assert torch.ops.aten._to_copy.default in targets
+    assert torch.ops.prims.convert_element_type.default not in targets
+    assert torch.ops.prims.convert_element_type.default in [n.target for n in with_cast.graph.nodes]
+    score = torch.randn(3, dtype=torch.float32)
+    out = rewritten(score)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, with_cast(score))
+    assert batchable(without_cast) is without_cast

@@ -24,6 +24,7 @@ from torch._ops import HigherOrderOperator
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
 
 from inductor_flex._indexing import index_with_tensors
+from inductor_flex._mods import batchable
 
 from .forward import (
     empty_in_layout_of,
@@ -165,6 +166,8 @@ def with_score_gradient(fw_graph: Callable, score_gradient: Callable) -> Callabl
     ``score_gradient`` is called as ``(score, b, h, q_idx, kv_idx, grad, *buffers)``; the
     buffers' gradients are those of ``fw_graph``.
     """
+    fw_graph, score_gradient = batchable(fw_graph), batchable(score_gradient)
+
     def score_mod(score, b, h, q_idx, kv_idx, *buffers):
         # The score is detached here, so the score gradient can only arrive through the
         # custom function; the buffers stay attached to fw_graph's own derivative.

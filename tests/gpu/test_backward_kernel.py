@@ -184,6 +184,27 @@ def test_grouped_query_attention(device):
     assert got["dk"].shape == k.shape and got["dv"].shape == v.shape and got["d_buffer0"].shape == (8,)
 
 
+@pytest.mark.parametrize("scale", [-0.5, 0.0])
+def test_scale_of_zero_or_below(device, scale):
+    # With no score_mod a positive scale folds into the exponent; a scale <= 0 must not
+    # (masked and out-of-range scores are -inf: times a scale <= 0 they would be +inf or NaN).
+    q, k, v = inputs(device, torch.bfloat16, M=255)
+    case = grad_case("causal", device, torch.bfloat16, M=255, N=255)
+    check_case(q, k, v, case, scale=scale)
+
+
+def test_block_mask_per_head_under_gqa(device):
+    # Each query head its own mask (the transposed lists are indexed by query head).
+    q, k, v = inputs(device, torch.bfloat16, Hq=8, Hkv=2)
+
+    def staggered(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (q_idx - kv_idx < 32 * (h + 1))
+
+    block_mask = create_block_mask(staggered, None, 8, S, S, device=device)
+    check_case(q, k, v, grad_case("identity", device, torch.bfloat16), block_mask=block_mask,
+               enable_gqa=True)
+
+
 def test_key_value_batch_broadcast(device):
     # Query batch 2 against key/value batch 1: dK / dV sum over the query batch.
     q, k, v = inputs(device, torch.bfloat16, Bkv=1)
