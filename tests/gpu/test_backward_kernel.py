@@ -279,6 +279,15 @@ def test_rows_that_see_nothing(device, mask_mod, blind):
         assert got["dk"].abs().sum() > 0 and golden["d_buffer0"].abs().sum() > 0
 
 
+def test_max_autotune(device):
+    # Several backward choices are timed on made-up inputs: valid block lists, captured
+    # buffers and gradient buffers in the kernel's argument order.
+    q, k, v = inputs(device, torch.bfloat16)
+    case = grad_case("relative_table", device, torch.bfloat16)
+    compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
+    check_case(q, k, v, case, compiled=compiled, **grad_case("causal", device, torch.bfloat16).kwargs)
+
+
 @pytest.mark.parametrize("name", ["alibi", "relative_table"])
 def test_lse_gradient(device, name):
     _, golden = check_family(device, torch.bfloat16, name, use_lse=True)
