@@ -27,6 +27,7 @@ from torch._inductor.virtualized import V
 from inductor_flex import _compat
 
 from .common import (
+    LOG2E,
     folds_scale,
     attention_problem,
     block_mask_input_generators,
@@ -52,7 +53,6 @@ from .subgraphs import (
     joint_buffer_gradients,
 )
 
-LOG2E = 1.4426950408889634
 
 def _backward_grid(batch, q_heads, q_len, qk_head_dim, kv_heads, kv_len, meta, *, cdiv):
     """Axis 0: the dK/dV programs (one per BLOCK_N1 keys), then the dQ programs (one per

@@ -255,6 +255,8 @@ def template_source(main_file: str) -> str:
     return (directory / main_file).read_text() + (directory / "common.py.jinja").read_text()
 
 
+LOG2E = 1.4426950408889634  # converts natural-log units to base 2
+
 # Larger head dims exhaust registers and shared memory with our tiles.
 MAX_HEAD_DIM = 256
 # CUDA's limit on the y and z grid dimensions (batch, heads).

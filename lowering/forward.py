@@ -22,6 +22,7 @@ from torch._inductor import ir
 from inductor_flex import _compat
 
 from .common import (
+    LOG2E,
     folds_scale,
     attention_problem,
     block_mask_input_generators,
@@ -47,7 +48,6 @@ from .subgraphs import (
     is_identity_score_mod,
 )
 
-LOG2E = 1.4426950408889634
 # Whether a block mask known at compile time to list its blocks in order (the one
 # flex_attention builds when given none) walks them without reading indices. Off: on H100
 # the index-free loop measured 10-15% slower (docs/kernels.md); the flag stays for retuning.

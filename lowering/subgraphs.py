@@ -115,9 +115,12 @@ def build_mod_buffer(mod: ir.Subgraph, placeholder_names: Sequence[str],
     return _wrap_expression(out, device)
 
 
+def _output_node(graph_module: torch.fx.GraphModule) -> torch.fx.Node:
+    return next(n for n in reversed(graph_module.graph.nodes) if n.op == "output")
+
+
 def _output_arg(graph_module: torch.fx.GraphModule) -> Optional[torch.fx.Node]:
-    output = next(n for n in reversed(graph_module.graph.nodes) if n.op == "output")
-    value = output.args[0]
+    value = _output_node(graph_module).args[0]
     while isinstance(value, (list, tuple)) and len(value) == 1:
         value = value[0]
     return value if isinstance(value, torch.fx.Node) else None
@@ -241,10 +244,6 @@ def joint_buffer_gradients(joint: ir.Subgraph, num_buffers: int) -> list:
     if not isinstance(outputs, (tuple, list)) or len(outputs) != 1 + num_buffers:
         raise ModLoweringError(f"the joint graph must return 1 + {num_buffers} values")
     return [o is not None for o in outputs[1:]]
-
-
-def _output_node(graph_module: torch.fx.GraphModule) -> torch.fx.Node:
-    return next(n for n in reversed(graph_module.graph.nodes) if n.op == "output")
 
 
 def build_joint_buffers(joint: ir.Subgraph, score_dtype: torch.dtype, buffers: Sequence,

@@ -284,6 +284,26 @@ def _distance_decay(score, b, h, q_idx, kv_idx):
     return score * torch.cos((q_idx - kv_idx).float() / 8.0)  # .float() traces as a cast
 
 
+def _run_watching_batching(attend, compile_kwargs, length):
+    """(compiled, eager, float64 reference) outputs and gradients of ``attend`` in bf16, and
+    the warnings the compiled run raised about ops vmap could not batch."""
+    def output_and_grads(fn, dtype):
+        tensors = [t.detach().to(dtype).requires_grad_()
+                   for t in make_inputs(torch.float64, q_heads=2, kv_heads=2, q_len=length,
+                                        kv_len=length)[:3]]
+        out = fn(*tensors)
+        return [out.detach()] + list(torch.autograd.grad(out.sum(), tensors))
+
+    reference = output_and_grads(attend, torch.float64)
+    eager = output_and_grads(attend, torch.bfloat16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = output_and_grads(torch.compile(attend, fullgraph=True, **compile_kwargs),
+                                    torch.bfloat16)
+    unbatched = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+    return compiled, eager, reference, unbatched
+
+
 @pytest.mark.parametrize("score_mod", [_softcap, _distance_decay])
 def test_extern_mods_avoid_ops_vmap_cannot_batch(score_mod, monkeypatch):
     """AOT tracing turns dtype casts into prims.convert_element_type, which vmap has no
@@ -305,24 +325,12 @@ def test_extern_mods_avoid_ops_vmap_cannot_batch(score_mod, monkeypatch):
     def attend(query, key, value):
         return flex_attention(query, key, value, score_mod=score_mod, block_mask=block_mask)
 
-    def output_and_grads(fn, dtype):
-        tensors = [t.detach().to(dtype).requires_grad_()
-                   for t in make_inputs(torch.float64, q_heads=2, kv_heads=2, q_len=32,
-                                        kv_len=32)[:3]]
-        out = fn(*tensors)
-        return [out.detach()] + list(torch.autograd.grad(out.sum(), tensors))
-
-    reference = output_and_grads(attend, torch.float64)
-    eager = output_and_grads(attend, torch.bfloat16)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled = output_and_grads(torch.compile(attend, backend="inductor", fullgraph=True),
-                                    torch.bfloat16)
+    compiled, eager, reference, unbatched = _run_watching_batching(
+        attend, dict(backend="inductor"), 32)
     # Forward score_mod and mask_mod, backward score_mod, score gradient and mask_mod.
     assert len(sources) == 5, sources
     assert not [s for s in sources if "prims." in s], sources
     assert any("aten._to_copy" in s for s in sources), "the casts should have been rewritten"
-    unbatched = [str(w.message) for w in caught if "batching rule" in str(w.message)]
     assert not unbatched, unbatched[:1]
     # The score gradient comes from the joint graph, traced in bf16, so it is rounded where
     # eager's is not: compare errors against float64, as the error-ratio test does.
@@ -340,21 +348,8 @@ def test_decomposed_mods_run_batched_in_dense_kernel(score_mod):
     def attend(query, key, value):
         return flex_attention(query, key, value, score_mod=score_mod)
 
-    def output_and_grads(fn, dtype):
-        tensors = [t.detach().to(dtype).requires_grad_()
-                   for t in make_inputs(torch.float64, q_heads=2, kv_heads=2, q_len=16,
-                                        kv_len=16)[:3]]
-        out = fn(*tensors)
-        return [out.detach()] + list(torch.autograd.grad(out.sum(), tensors))
-
-    reference = output_and_grads(attend, torch.float64)
-    eager = output_and_grads(attend, torch.bfloat16)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        compiled = output_and_grads(
-            torch.compile(attend, backend="aot_eager_decomp_partition", fullgraph=True),
-            torch.bfloat16)
-    unbatched = [str(w.message) for w in caught if "batching rule" in str(w.message)]
+    compiled, eager, reference, unbatched = _run_watching_batching(
+        attend, dict(backend="aot_eager_decomp_partition"), 16)
     assert not unbatched, unbatched[:1]
     # The decomposed score gradient is computed in bf16 where eager's autograd is not:
     # compare errors against float64, as the error-ratio test does.
