@@ -71,6 +71,8 @@ class FlexKernelOptions(TypedDict, total=False):
     FORCE_USE_FLEX_ATTENTION: bool
     # Load tiles with the Tensor Memory Accelerator where the GPU has one.
     USE_TMA: bool
+    # Backward, full blocks: compute dO v^T before the exponentials (default: per config).
+    EARLY_DP: bool
     # Kernel family ("AUTO", "TRITON", "TRITON_DECODE", ...); passed through to the lowering.
     BACKEND: str
     # AMD-specific tile knobs, passed through.

@@ -114,6 +114,14 @@ def _use_tma(kernel_options, problem, tensors) -> bool:
     return wanted and tma_possible(problem.capability, tensors)
 
 
+def _early_dp(kernel_options, config) -> bool:
+    """Issue dO v^T before the exponentials on full blocks: the config's choice unless the
+    user says (``EARLY_DP`` / ``bwd_EARLY_DP``)."""
+    upper = {str(k).upper(): v for k, v in kernel_options.items()}
+    requested = upper.get("BWD_EARLY_DP", upper.get("EARLY_DP"))
+    return config.early_dp if requested is None else bool(requested)
+
+
 def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
                    fw_graph, joint_graph, block_mask, scale, kernel_options,
                    score_mod_other_buffers=(), mask_mod_other_buffers=()):
@@ -226,10 +234,14 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         USE_TMA=_use_tma(kernel_options, problem, (query, key, value, grad_out)),
     )
 
-    launches = [(config.num_warps, config.num_stages,
-                 dict(constants, BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
-                      BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2))
-                for config in configs]
+    launches = []
+    for config in configs:
+        launch = (config.num_warps, config.num_stages,
+                  dict(constants, BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
+                       BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
+                       EARLY_DP=_early_dp(kernel_options, config)))
+        if launch not in launches:  # the user's EARLY_DP can make two configs one kernel
+            launches.append(launch)
     block_lists = [(kv_indices, True), (q_indices, True)]
     if has_full_blocks:
         block_lists += [(full_kv_indices, False), (full_q_indices, False)]

@@ -396,6 +396,21 @@ def test_backward_kernel_options(cuda_device):
     assert re.search(r"num_warps=4\b", kernel) and re.search(r"num_stages=1\b", kernel)
 
 
+@pytest.mark.parametrize("early_dp", [False, True])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_early_dp_either_way(cuda_device, early_dp, head_dim):
+    # Both orders of the full-block loops (dO v^T before or after the exponentials), at the
+    # head dims whose defaults differ; causal has partial and full blocks, ALiBi a score_mod.
+    q, k, v = inputs(cuda_device, torch.bfloat16, E=head_dim)
+    case = grad_case("alibi", cuda_device, torch.bfloat16)
+    causal_mask = grad_case("causal", cuda_device, torch.bfloat16).kwargs
+    options = {"bwd_EARLY_DP": early_dp}
+    check_case(q, k, v, case, kernel_options=options, **causal_mask)
+    torch._dynamo.reset()
+    kernel = backward_kernel(backward_code(q, k, v, case, kernel_options=options, **causal_mask))
+    assert re.search(rf"EARLY_DP : tl.constexpr = {early_dp}\b", kernel)
+
+
 def _names_value_error(error, text):
     """Whether ``error`` is, or wraps, a ValueError whose message names ``text``. Inductor
     re-raises lowering errors as its own types with the original type and message in

@@ -113,8 +113,11 @@ def test_default_backward_config_fits_the_gpu(capability, dtype, dims):
 
 def test_backward_defaults_on_hopper():
     # The H100 sweep's winners (docs/kernels.md).
-    assert default_backward_config(HOPPER, torch.bfloat16, 64, 64) == BackwardConfig(64, 64, 64, 64, 4, 3)
+    assert default_backward_config(HOPPER, torch.bfloat16, 64, 64) == BackwardConfig(
+        64, 64, 64, 64, 4, 3, early_dp=True)
     assert default_backward_config(HOPPER, torch.bfloat16, 128, 128) == BackwardConfig(64, 128, 128, 64, 8, 2)
+    # dP first was measured on H100 only: the A100 keeps the plain order.
+    assert not default_backward_config(AMPERE, torch.bfloat16, 64, 64).early_dp
 
 
 def test_backward_options_take_the_bwd_prefix():
