@@ -104,12 +104,18 @@ def _gradient_accumulation_dtype(buffer, problem) -> torch.dtype:
     return torch.float64 if scores > FLOAT64_ACCUMULATION_ABOVE * elements else torch.float32
 
 
+def _backward_option(kernel_options, name: str):
+    """The user's value for a backward option (``bwd_<name>`` wins over ``<name>``, either
+    case), or None if unset."""
+    upper = {str(k).upper(): v for k, v in kernel_options.items()}
+    return upper.get("BWD_" + name, upper.get(name))
+
+
 def _use_tma(kernel_options, problem, tensors) -> bool:
     """Stream the inner loops' tiles through the TMA: on Hopper and newer, for half-precision
     inputs, unless the user says otherwise (``USE_TMA`` / ``bwd_USE_TMA``); never where a
     tensor's layout does not allow it."""
-    upper = {str(k).upper(): v for k, v in kernel_options.items()}
-    requested = upper.get("BWD_USE_TMA", upper.get("USE_TMA"))
+    requested = _backward_option(kernel_options, "USE_TMA")
     wanted = (problem.dtype in (torch.float16, torch.bfloat16)) if requested is None else bool(requested)
     return wanted and tma_possible(problem.capability, tensors)
 
@@ -117,8 +123,7 @@ def _use_tma(kernel_options, problem, tensors) -> bool:
 def _early_dp(kernel_options, config) -> bool:
     """Issue dO v^T before the exponentials on full blocks: the config's choice unless the
     user says (``EARLY_DP`` / ``bwd_EARLY_DP``)."""
-    upper = {str(k).upper(): v for k, v in kernel_options.items()}
-    requested = upper.get("BWD_EARLY_DP", upper.get("EARLY_DP"))
+    requested = _backward_option(kernel_options, "EARLY_DP")
     return config.early_dp if requested is None else bool(requested)
 
 
