@@ -212,7 +212,8 @@ def check_grads_against_golden(q, k, v, compiled=None, buffers=(), mods=None, gr
         if name.startswith("d"):
             assert value.stride() == reference.stride(), (name, value.stride(), reference.stride())
             assert torch.isfinite(value).all(), f"non-finite compiled {name}"
-        allowed = factor * _few_samples_allowance(value.numel()) if name.startswith("d_buffer") else factor
+        allowed = (factor * _few_samples_allowance(int(golden[name].count_nonzero()))
+                   if name.startswith("d_buffer") else factor)
         assert err <= allowed * eager_err + floor, (
             f"{name} error {err:.3g} vs eager {eager_err:.3g} (allowed {allowed:.3g} x eager + {floor:.2g})")
     return got, golden
@@ -225,6 +226,9 @@ def _few_samples_allowance(numel: int) -> float:
     draws: the relative spread of a mean of n half-normal errors is sqrt(pi/2 - 1)/sqrt(n)
     ~ 0.76/sqrt(n), about 1.07/sqrt(n) for the ratio of two, and this allows two of those
     spreads. It is ~1 for the large tensors (a [B, H, S, S] bias: 1.004); out, lse, dq, dk
-    and dv keep the plain factor. (Seen on the H100: a [4] scale measured 0.80x the eager
+    and dv keep the plain factor. ``numel`` counts the values that receive contributions
+    (non-zero in the golden): under a causal mask half of a relative-position table gets
+    none, is exactly 0 in every run and adds nothing to either error, so the ratio is a
+    ratio of means over the other half. (Seen on the H100: a [4] scale measured 0.80x the eager
     error with one seed, 1.83x with another.)"""
     return 1.0 + 2.2 / math.sqrt(max(1, numel))
