@@ -44,11 +44,13 @@ from .common import (
 )
 from .configs import padded_head_dim, select_backward_configs
 from .subgraphs import (
+    JOINT_PLACEHOLDERS,
     MASK_MOD_PLACEHOLDERS,
     SCORE_MOD_PLACEHOLDERS,
     ModLoweringError,
     build_joint_buffers,
     build_mod_buffer,
+    gathered_bytes_per_score,
     is_identity_score_mod,
     joint_buffer_gradients,
 )
@@ -160,9 +162,16 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     dtype, scale, device = problem.dtype, problem.scale, query.get_device()
     qk_head_dim, v_head_dim = problem.qk_head_dim, problem.v_head_dim
     sparse_q_block, sparse_kv_block = problem.sparse_q_block, problem.sparse_kv_block
+    # Tile-sized reads of captured buffers: the recomputed scores (score_mod, mask_mod) and
+    # the score gradient (the joint graph's first output).
+    gathered = (gathered_bytes_per_score(fw_graph, SCORE_MOD_PLACEHOLDERS, score_mod_other_buffers)
+                + gathered_bytes_per_score(mask_mod, MASK_MOD_PLACEHOLDERS, mask_mod_other_buffers)
+                + gathered_bytes_per_score(joint_graph, JOINT_PLACEHOLDERS, score_mod_other_buffers,
+                                           output_index=0))
     configs = select_backward_configs(problem.capability, dtype, qk_head_dim, v_head_dim,
                                       sparse_q_block, sparse_kv_block, kernel_options,
-                                      max_autotune=bool(inductor_config.max_autotune))
+                                      max_autotune=bool(inductor_config.max_autotune),
+                                      gathered_bytes=gathered)
     if not configs:
         return None  # sparse blocks too small (or not a power of 2) for a tl.dot tile
 

@@ -54,31 +54,45 @@ def shared_memory_limit(capability: Tuple[int, int]) -> int:
     return 48 * 1024
 
 
+def staged_gathers(tile_scores: int, num_stages: int, gathered_bytes: int) -> int:
+    """Shared memory of the mods' tile-sized gathers (``gathered_bytes`` per score, see
+    ``subgraphs.gathered_bytes_per_score``): the pipeline keeps one tile of each per stage
+    beyond the first (H100, Triton 3.6: four float32 [S, S] tables at 2 stages took 4 x 32 KB
+    on top of the backward's 131 KB); with one stage they go straight to registers."""
+    return gathered_bytes * tile_scores * max(0, num_stages - 1)
+
+
 def estimated_shared_memory(config: ForwardConfig, dtype: torch.dtype, qk_head_dim: int,
-                            v_head_dim: int) -> int:
-    """Shared memory the tile needs, roughly: Q resident, K and V staged ``num_stages`` deep."""
+                            v_head_dim: int, gathered_bytes: int = 0) -> int:
+    """Shared memory the tile needs, roughly: Q resident, K and V staged ``num_stages`` deep,
+    plus the mods' staged gathers."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     dqk, dv = padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim)
     staged = max(1, config.num_stages) * config.block_n * (dqk + dv)
-    return (config.block_m * dqk + staged) * itemsize
+    return ((config.block_m * dqk + staged) * itemsize
+            + staged_gathers(config.block_m * config.block_n, config.num_stages, gathered_bytes))
 
 
 def default_forward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
                            v_head_dim: int, mask_free: bool = False) -> ForwardConfig:
     """One good config for this GPU, dtype and head dims (what plain torch.compile runs).
 
-    ``mask_free``: no block needs mask_mod (only full blocks are listed), so the kernel has
-    no masked loop and its register budget allows a 128-row tile on one warpgroup.
+    ``mask_free``: no block needs mask_mod (only full blocks are listed, e.g. no block
+    mask), so the kernel has no masked loop.
     """
     head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
     half = _is_half(dtype)
     if capability[0] >= 9:  # Hopper and newer (wgmma: 64-row warpgroup instructions).
         # Measured on H100 (docs/kernels.md): one warpgroup per tile, a shallow pipeline
-        # and TMA loads win at D=64 and D=128, with or without a mask.
+        # and TMA loads win at D=64 and D=128. Without a masked loop at D=128, 64x128 with
+        # one stage (80 KB: two programs per SM, each hiding the other's TMA latency) beat
+        # 128x64 by 4-5%; with masks it was mixed (packed documents 3.6x slower).
         if half:
             if head_dim <= 64:
                 return ForwardConfig(64, 128, 4, 2, tma=True)
             if head_dim <= 128:
+                if mask_free:
+                    return ForwardConfig(64, 128, 4, 1, tma=True)
                 return ForwardConfig(128, 64, 4, 2, tma=True)
             return ForwardConfig(64, 64, 4, 2)
         if head_dim <= 64:
@@ -114,6 +128,7 @@ def default_forward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_h
 
 _AUTOTUNE_CANDIDATES = (
     ForwardConfig(128, 64, 4, 2, tma=True),
+    ForwardConfig(64, 128, 4, 1, tma=True),
     ForwardConfig(128, 128, 4, 3, tma=True),
     ForwardConfig(64, 128, 4, 3, tma=True),
     ForwardConfig(128, 128, 8, 2, tma=True),
@@ -131,15 +146,16 @@ _AUTOTUNE_CANDIDATES = (
 
 
 def autotune_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
-                             v_head_dim: int, mask_free: bool = False) -> list:
+                             v_head_dim: int, mask_free: bool = False,
+                             gathered_bytes: int = 0) -> list:
     """The configs tried under max_autotune: the default first, then every candidate whose
-    staged tiles fit the GPU's shared memory."""
+    staged tiles (and the mods' staged gathers) fit the GPU's shared memory."""
     limit = shared_memory_limit(capability)
     configs = [default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free)]
     for config in _AUTOTUNE_CANDIDATES:
         if config in configs:
             continue
-        if estimated_shared_memory(config, dtype, qk_head_dim, v_head_dim) <= limit:
+        if estimated_shared_memory(config, dtype, qk_head_dim, v_head_dim, gathered_bytes) <= limit:
             configs.append(config)
     return configs
 
@@ -214,7 +230,7 @@ def _check_user_tile(fixed: Mapping, sparse_q_block: int, sparse_kv_block: int) 
 def select_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
                            v_head_dim: int, sparse_q_block: int, sparse_kv_block: int,
                            kernel_options: Mapping, max_autotune: bool,
-                           mask_free: bool = False) -> list:
+                           mask_free: bool = False, gathered_bytes: int = 0) -> list:
     """The configs to compile, after the user's options and the sparse-block rule.
 
     - Options that fix a launch field apply to every config (duplicates merge).
@@ -222,16 +238,27 @@ def select_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_h
       block size; otherwise ``ValueError`` naming both.
     - A candidate whose tile does not divide the sparse blocks is skipped under
       max_autotune; the default tile is halved until it fits.
+    - The default keeps fewer pipeline stages where the mods' tile-sized gathers
+      (``gathered_bytes`` per score) would overflow shared memory, unless the user fixed
+      ``num_stages``.
     - An empty list means no tile can walk this block mask (e.g. sparse blocks under 16).
     """
     fixed = tile_options(kernel_options)
     _check_user_tile(fixed, sparse_q_block, sparse_kv_block)
     default = replace(default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free),
                       **fixed)
+    limit = shared_memory_limit(capability)
+
+    def estimate(config):
+        return estimated_shared_memory(config, dtype, qk_head_dim, v_head_dim, gathered_bytes)
+
+    if "num_stages" not in fixed:
+        default = fewer_stages_to_fit(default, estimate, limit)
     candidates = [default]
     if max_autotune:
-        candidates += [replace(c, **fixed) for c in autotune_forward_configs(
-            capability, dtype, qk_head_dim, v_head_dim, mask_free)]
+        wider = (replace(c, **fixed) for c in autotune_forward_configs(
+            capability, dtype, qk_head_dim, v_head_dim, mask_free, gathered_bytes))
+        candidates += [c for c in wider if estimate(c) <= limit]
 
     chosen = []
     for config in candidates:
@@ -244,6 +271,14 @@ def select_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_h
         if config not in chosen:
             chosen.append(config)
     return chosen
+
+
+def fewer_stages_to_fit(config, estimate, limit: int):
+    """``config`` with its pipeline made shallower (down to one stage) until ``estimate``
+    of it fits ``limit`` bytes of shared memory."""
+    while config.num_stages > 1 and estimate(config) > limit:
+        config = replace(config, num_stages=config.num_stages - 1)
+    return config
 
 
 def configs_summary(configs: Sequence[ForwardConfig]) -> str:
@@ -329,14 +364,17 @@ _BACKWARD_CANDIDATES = (
 
 
 def estimated_backward_shared_memory(config: BackwardConfig, dtype: torch.dtype,
-                                     qk_head_dim: int, v_head_dim: int) -> int:
-    """Shared memory of the staged loads, roughly: the larger of the two programs' needs."""
+                                     qk_head_dim: int, v_head_dim: int,
+                                     gathered_bytes: int = 0) -> int:
+    """Shared memory of the staged loads, roughly: the larger of the two programs' needs,
+    plus the mods' staged gathers (``staged_gathers``)."""
     itemsize = torch.empty((), dtype=dtype).element_size()
     dqk, dv = padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim)
     stages = max(1, config.num_stages)
     dkdv = config.block_n1 * (dqk + dv) + stages * config.block_m1 * (dqk + dv)
     dq = config.block_m2 * (dqk + dv) + stages * config.block_n2 * (dqk + dv)
-    return max(dkdv, dq) * itemsize
+    tile_scores = max(config.block_m1 * config.block_n1, config.block_m2 * config.block_n2)
+    return max(dkdv, dq) * itemsize + staged_gathers(tile_scores, config.num_stages, gathered_bytes)
 
 
 def _backward_tile_fits(config: BackwardConfig, sparse_q_block: int, sparse_kv_block: int) -> bool:
@@ -360,7 +398,8 @@ def _shrink_backward_to_fit(config: BackwardConfig, sparse_q_block: int,
 
 def select_backward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
                             v_head_dim: int, sparse_q_block: int, sparse_kv_block: int,
-                            kernel_options: Mapping, max_autotune: bool) -> list:
+                            kernel_options: Mapping, max_autotune: bool,
+                            gathered_bytes: int = 0) -> list:
     """The backward configs to compile; the rules of ``select_forward_configs`` with the
     options ``BLOCK_M1``, ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``num_warps`` and
     ``num_stages`` (each also with a ``bwd_`` prefix that takes precedence)."""
@@ -375,12 +414,17 @@ def select_backward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_
             raise ValueError(
                 f"kernel option {option}={size}: the backward tile must be a power of 2 of at "
                 f"least {MIN_TILE} that divides the block mask's {name}={sparse}")
+    limit = shared_memory_limit(capability)
+
+    def estimate(config):
+        return estimated_backward_shared_memory(config, dtype, qk_head_dim, v_head_dim, gathered_bytes)
+
     default = replace(default_backward_config(capability, dtype, qk_head_dim, v_head_dim), **fixed)
+    if "num_stages" not in fixed:
+        default = fewer_stages_to_fit(default, estimate, limit)
     candidates = [default]
     if max_autotune:
-        limit = shared_memory_limit(capability)
-        candidates += [replace(c, **fixed) for c in _BACKWARD_CANDIDATES
-                       if estimated_backward_shared_memory(c, dtype, qk_head_dim, v_head_dim) <= limit]
+        candidates += [replace(c, **fixed) for c in _BACKWARD_CANDIDATES if estimate(c) <= limit]
     chosen = []
     for config in candidates:
         if not _backward_tile_fits(config, sparse_q_block, sparse_kv_block):

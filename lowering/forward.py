@@ -45,6 +45,7 @@ from .subgraphs import (
     SCORE_MOD_PLACEHOLDERS,
     ModLoweringError,
     build_mod_buffer,
+    gathered_bytes_per_score,
     is_identity_score_mod,
 )
 
@@ -97,10 +98,12 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
                         and (not has_full_blocks or known_contiguous(full_kv_indices)))
 
     capability = problem.capability
+    gathered = (gathered_bytes_per_score(score_mod, SCORE_MOD_PLACEHOLDERS, score_mod_other_buffers)
+                + gathered_bytes_per_score(mask_mod, MASK_MOD_PLACEHOLDERS, mask_mod_other_buffers))
     configs = select_forward_configs(capability, dtype, qk_head_dim, v_head_dim,
                                      sparse_q_block, sparse_kv_block, kernel_options,
                                      max_autotune=bool(inductor_config.max_autotune),
-                                     mask_free=not has_partial_blocks)
+                                     mask_free=not has_partial_blocks, gathered_bytes=gathered)
     if not configs:
         return None  # sparse blocks too small (or not a power of 2) for a tl.dot tile
 

@@ -143,6 +143,80 @@ def graph_uses_op(mod: ir.Subgraph, targets) -> bool:
 
 
 # ---------------------------------------------------------------------------------------
+# Shared memory the mods' reads take: captured-buffer elements gathered per score
+# ---------------------------------------------------------------------------------------
+# A mod that reads a captured buffer at an index that depends on both the query and the key
+# position (a [B, H, S, S] bias, a relative table at q - kv) loads a whole tile of it per
+# step; Triton's software pipeline stages such loads in shared memory like K and V, so with
+# several of them the default tiles can outgrow the GPU. Views and indexing keep a value
+# "a part of the buffer"; the first other use is where its elements are read.
+
+_INDEXING_OPS = frozenset({
+    aten.index.Tensor, aten._unsafe_index.Tensor, aten.index_select.default,
+    aten.gather.default, aten.take.default,
+})
+_VIEW_OPS = frozenset({
+    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.expand.default,
+    aten.permute.default, aten.t.default, aten.transpose.int, aten.select.int,
+    aten.slice.Tensor, aten.squeeze.dim, aten.squeeze.default, aten.unsqueeze.default,
+    aten.alias.default,
+})
+
+
+def gathered_bytes_per_score(mod: Optional[ir.Subgraph], placeholder_names: Sequence[str],
+                             buffers: Sequence, output_index: Optional[int] = None) -> int:
+    """Bytes per score of the captured-buffer elements ``mod`` reads at an index depending
+    on both ``m`` (query) and ``n`` (key): each such read is a tile-sized load in the kernel.
+
+    ``placeholder_names`` are the mod's leading placeholders; the captured buffers follow in
+    the order of ``buffers`` (IR nodes, for their dtypes). With ``output_index``, only the
+    reads that output needs count. Reads indexed by batch or head alone, or by one of the
+    positions (a per-head slope, a document id per query), are scalars or vectors per tile
+    and are not counted.
+    """
+    if mod is None:
+        return 0
+    graph = mod.graph_module.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    positions = {node: {name} for name, node in zip(placeholder_names, placeholders)
+                 if name in ("m", "n")}
+    captured = dict(zip(placeholders[len(placeholder_names):], buffers))
+
+    needed = None
+    if output_index is not None:
+        outputs = _output_node(mod.graph_module).args[0]
+        root = outputs[output_index] if isinstance(outputs, (list, tuple)) else outputs
+        needed, stack = set(), [root] if isinstance(root, torch.fx.Node) else []
+        while stack:
+            node = stack.pop()
+            if node not in needed:
+                needed.add(node)
+                stack.extend(node.all_input_nodes)
+
+    depends = {}  # node -> the positions ("m", "n") its value depends on
+    part_of = {}  # node -> (captured placeholder, positions its indices depend on)
+    reads = set()  # (captured placeholder node, the view read) with both positions
+    for node in graph.nodes:
+        inputs = node.all_input_nodes
+        depends[node] = set(positions.get(node, ())).union(*(depends[a] for a in inputs))
+        if node in captured:
+            part_of[node] = (node, frozenset())
+            continue
+        source = inputs[0] if inputs and node.op == "call_function" else None
+        if source in part_of and node.target in _INDEXING_OPS | _VIEW_OPS:
+            buffer, indexed_by = part_of[source]
+            index_positions = set().union(*(depends[a] for a in inputs[1:]))
+            part_of[node] = (buffer, indexed_by | frozenset(index_positions))
+            continue
+        if needed is not None and node.op != "output" and node not in needed:
+            continue
+        for a in inputs:
+            if a in part_of and part_of[a][1] >= {"m", "n"} and (needed is None or a in needed):
+                reads.add((part_of[a][0], a))
+    return sum(captured[buffer].get_dtype().itemsize for buffer, _ in reads)
+
+
+# ---------------------------------------------------------------------------------------
 # The joint graph: the score gradient, and captured-buffer gradients as atomic scatters
 # ---------------------------------------------------------------------------------------
 # The backward operator's joint graph maps (score, b, h, m, n, grad_score, *buffers) to

@@ -172,6 +172,28 @@ def test_ragged_lengths_causal(device, q_len, kv_len):
     check_case(q, k, v, grad_case("causal", device, torch.bfloat16, M=q_len, N=kv_len))
 
 
+def test_several_captured_tables_at_head_dim_128(device):
+    # Three float32 [B, H, S, S] tables (one learned) plus a relative table, gathered per
+    # score at D=128, whose default tiles take the most shared memory: the mods' loads
+    # must not push either kernel past the GPU's limit (they must compile and launch).
+    tables = [_random(B, H, S, S, dtype=torch.float32, device=device, seed=10 + i,
+                      requires_grad=(i == 0)) for i in range(3)]
+    relative = _random(2 * S, dtype=torch.float32, device=device, seed=13, requires_grad=False)
+
+    def mods(first, second, third, relative):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            for table in (first, second, third):
+                score = score + table[b, h, q_idx, kv_idx]
+            return score + relative[q_idx - kv_idx + S]
+        return dict(score_mod=score_mod)
+
+    q, k, v = inputs(device, torch.bfloat16, E=128)
+    case = GradCase(tuple(tables) + (relative,), mods,
+                    grad_case("causal", device, torch.bfloat16).kwargs)
+    got, _ = check_case(q, k, v, case)
+    assert "d_buffer0" in got and "d_buffer1" not in got, list(got)
+
+
 # ---------------------------------------------------------------------------------------
 # Shapes and layouts: GQA, broadcast batch, head dims, strides
 # ---------------------------------------------------------------------------------------
