@@ -294,6 +294,23 @@ def test_tma(device, length):
     assert "make_tensor_descriptor" in code[0]
 
 
+@pytest.mark.parametrize("case", ["full", "bias_table"])
+@pytest.mark.parametrize("length", [255, 256])
+def test_default_without_a_masked_loop_at_head_dim_128(device, case, length):
+    # No block needs mask_mod: on Hopper the default is a 64x128 tile with one stage.
+    q, k, v = qkv(device, torch.bfloat16, M=length, E=128)
+    kwargs = case_kwargs(case, device, length, length)
+    check_against_golden(q, k, v, **kwargs)
+    if device != "cuda" or torch.cuda.get_device_capability() < (9, 0):
+        return
+    torch._dynamo.reset()
+    _, code = compiled_code(torch.compile(flex_attention), q, k, v, **kwargs)
+    defines = _defines(code[0])
+    assert (defines["BLOCK_M"], defines["BLOCK_N"], defines["USE_TMA"]) == ("64", "128", "True")
+    assert defines["HAS_PARTIAL_BLOCKS"] == "False"
+    assert re.search(r"num_stages=1\b", code[0])
+
+
 def test_max_autotune(device):
     q, k, v = qkv(device, torch.bfloat16)
     compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
