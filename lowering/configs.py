@@ -148,14 +148,18 @@ _AUTOTUNE_CANDIDATES = (
 def autotune_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
                              v_head_dim: int, mask_free: bool = False,
                              gathered_bytes: int = 0) -> list:
-    """The configs tried under max_autotune: the default first, then every candidate whose
-    staged tiles (and the mods' staged gathers) fit the GPU's shared memory."""
+    """The configs tried under max_autotune: the default first (made shallower if the mods'
+    staged gathers need it), then every candidate whose staged tiles and gathers fit the
+    GPU's shared memory."""
     limit = shared_memory_limit(capability)
-    configs = [default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free)]
+
+    def estimate(config):
+        return estimated_shared_memory(config, dtype, qk_head_dim, v_head_dim, gathered_bytes)
+
+    default = default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free)
+    configs = [fewer_stages_to_fit(default, estimate, limit)]
     for config in _AUTOTUNE_CANDIDATES:
-        if config in configs:
-            continue
-        if estimated_shared_memory(config, dtype, qk_head_dim, v_head_dim, gathered_bytes) <= limit:
+        if config not in configs and estimate(config) <= limit:
             configs.append(config)
     return configs
 
@@ -247,18 +251,14 @@ def select_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_h
     _check_user_tile(fixed, sparse_q_block, sparse_kv_block)
     default = replace(default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free),
                       **fixed)
-    limit = shared_memory_limit(capability)
-
-    def estimate(config):
-        return estimated_shared_memory(config, dtype, qk_head_dim, v_head_dim, gathered_bytes)
-
     if "num_stages" not in fixed:
-        default = fewer_stages_to_fit(default, estimate, limit)
+        default = fewer_stages_to_fit(
+            default, lambda c: estimated_shared_memory(c, dtype, qk_head_dim, v_head_dim, gathered_bytes),
+            shared_memory_limit(capability))
     candidates = [default]
     if max_autotune:
-        wider = (replace(c, **fixed) for c in autotune_forward_configs(
-            capability, dtype, qk_head_dim, v_head_dim, mask_free, gathered_bytes))
-        candidates += [c for c in wider if estimate(c) <= limit]
+        candidates += [replace(c, **fixed) for c in autotune_forward_configs(
+            capability, dtype, qk_head_dim, v_head_dim, mask_free, gathered_bytes)]
 
     chosen = []
     for config in candidates:
