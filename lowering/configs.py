@@ -260,12 +260,19 @@ def select_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_h
         candidates += [replace(c, **fixed) for c in autotune_forward_configs(
             capability, dtype, qk_head_dim, v_head_dim, mask_free, gathered_bytes)]
 
+    return walkable_configs(candidates, tile_fits, _shrink_to_fit, sparse_q_block, sparse_kv_block)
+
+
+def walkable_configs(candidates: Sequence, fits, shrink, sparse_q_block: int,
+                     sparse_kv_block: int) -> list:
+    """The candidates whose tiles can walk the block mask (``fits``), in order and without
+    repeats; the first (the default) is shrunk to fit instead of dropped, if it can be."""
     chosen = []
-    for config in candidates:
-        if not tile_fits(config, sparse_q_block, sparse_kv_block):
-            if config is not default:
+    for position, config in enumerate(candidates):
+        if not fits(config, sparse_q_block, sparse_kv_block):
+            if position:
                 continue
-            config = _shrink_to_fit(config, sparse_q_block, sparse_kv_block)
+            config = shrink(config, sparse_q_block, sparse_kv_block)
             if config is None:
                 continue
         if config not in chosen:
@@ -425,14 +432,5 @@ def select_backward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_
     candidates = [default]
     if max_autotune:
         candidates += [replace(c, **fixed) for c in _BACKWARD_CANDIDATES if estimate(c) <= limit]
-    chosen = []
-    for config in candidates:
-        if not _backward_tile_fits(config, sparse_q_block, sparse_kv_block):
-            if config is not default:
-                continue
-            config = _shrink_backward_to_fit(config, sparse_q_block, sparse_kv_block)
-            if config is None:
-                continue
-        if config not in chosen:
-            chosen.append(config)
-    return chosen
+    return walkable_configs(candidates, _backward_tile_fits, _shrink_backward_to_fit,
+                            sparse_q_block, sparse_kv_block)
