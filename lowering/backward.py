@@ -33,16 +33,17 @@ from .common import (
     block_mask_input_generators,
     choose_kernel,
     dense_strides_like,
-    known_empty,
     known_true,
+    listed_block_kinds,
     option_flag,
     realize_captured,
     realize_fixed,
     record_subgraph_symbols,
     cached_template,
+    shape_constants,
     tma_possible,
 )
-from .configs import padded_head_dim, select_backward_configs
+from .configs import select_backward_configs
 from .subgraphs import (
     JOINT_PLACEHOLDERS,
     MASK_MOD_PLACEHOLDERS,
@@ -175,10 +176,8 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     if not configs:
         return None  # sparse blocks too small (or not a power of 2) for a tl.dot tile
 
-    has_full_blocks = full_kv_num_blocks is not None and full_kv_indices is not None
-    has_partial_blocks = not known_empty(kv_num_blocks)
-    if has_full_blocks and known_empty(full_kv_num_blocks):
-        has_full_blocks = False
+    has_partial_blocks, has_full_blocks = listed_block_kinds(
+        kv_num_blocks, full_kv_num_blocks, full_kv_indices)
 
     # --- mods, the joint graph, and the buffers that get gradients -----------------------------
     score_mod_other_buffers = [realize_captured(b) for b in score_mod_other_buffers]
@@ -231,12 +230,7 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     divisible = (known_true(sympy.Eq(sympy.Mod(q_len, sparse_q_block), 0))
                  and known_true(sympy.Eq(sympy.Mod(kv_len, sparse_kv_block), 0)))
     constants = dict(
-        SPARSE_Q_BLOCK_SIZE=sparse_q_block,
-        SPARSE_KV_BLOCK_SIZE=sparse_kv_block,
-        QK_HEAD_DIM=qk_head_dim,
-        QK_HEAD_DIM_ROUNDED=padded_head_dim(qk_head_dim),
-        V_HEAD_DIM=v_head_dim,
-        V_HEAD_DIM_ROUNDED=padded_head_dim(v_head_dim),
+        shape_constants(problem),
         IS_DIVISIBLE=divisible,
         HAS_PARTIAL_BLOCKS=has_partial_blocks,
         HAS_FULL_BLOCKS=has_full_blocks,

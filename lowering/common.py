@@ -321,6 +321,29 @@ def attention_problem(query, key, value, mods: Sequence, sparse_q_block, sparse_
                             capability)
 
 
+def listed_block_kinds(kv_num_blocks, full_kv_num_blocks, full_kv_indices) -> tuple:
+    """(has_partial_blocks, has_full_blocks): which kinds of block the mask may list, as far
+    as the graph tells at compile time (a count tensor that is the constant 0 lists none)."""
+    has_full_blocks = (full_kv_num_blocks is not None and full_kv_indices is not None
+                       and not known_empty(full_kv_num_blocks))
+    return not known_empty(kv_num_blocks), has_full_blocks
+
+
+def shape_constants(problem: AttentionProblem) -> dict:
+    """The constexprs both kernels take from the block mask's block sizes and the head
+    dims (padded to the tile widths the kernels load)."""
+    from .configs import padded_head_dim
+
+    return dict(
+        SPARSE_Q_BLOCK_SIZE=problem.sparse_q_block,
+        SPARSE_KV_BLOCK_SIZE=problem.sparse_kv_block,
+        QK_HEAD_DIM=problem.qk_head_dim,
+        QK_HEAD_DIM_ROUNDED=padded_head_dim(problem.qk_head_dim),
+        V_HEAD_DIM=problem.v_head_dim,
+        V_HEAD_DIM_ROUNDED=padded_head_dim(problem.v_head_dim),
+    )
+
+
 def block_mask_input_generators(first_position: int, block_lists: Sequence,
                                 has_full_blocks: bool) -> dict:
     """Autotuning input generators for the block-mask tensors of a kernel's argument list:

@@ -29,17 +29,18 @@ from .common import (
     choose_kernel,
     dense_strides_like,
     known_contiguous,
-    known_empty,
     known_true,
+    listed_block_kinds,
     option_flag,
     output_used,
     realize_captured,
     realize_fixed,
     record_subgraph_symbols,
     cached_template,
+    shape_constants,
     tma_possible,
 )
-from .configs import configs_summary, padded_head_dim, select_forward_configs
+from .configs import configs_summary, select_forward_configs
 from .subgraphs import (
     MASK_MOD_PLACEHOLDERS,
     SCORE_MOD_PLACEHOLDERS,
@@ -90,10 +91,8 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
 
     # What the block mask's contents tell at compile time: with no mask given, flex_attention
     # builds one in the graph (no partial blocks, every block full and in order).
-    has_full_blocks = full_kv_num_blocks is not None and full_kv_indices is not None
-    has_partial_blocks = not known_empty(kv_num_blocks)
-    if has_full_blocks and known_empty(full_kv_num_blocks):
-        has_full_blocks = False
+    has_partial_blocks, has_full_blocks = listed_block_kinds(
+        kv_num_blocks, full_kv_num_blocks, full_kv_indices)
     blocks_in_order = ((not has_partial_blocks or known_contiguous(kv_indices))
                         and (not has_full_blocks or known_contiguous(full_kv_indices)))
 
@@ -161,12 +160,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     tma_allowed = tma_possible(capability, (query, key, value))
     divisible = (known_true(sympy.Eq(sympy.Mod(kv_len, sparse_kv_block), 0)))
     constants = dict(
-        SPARSE_Q_BLOCK_SIZE=sparse_q_block,
-        SPARSE_KV_BLOCK_SIZE=sparse_kv_block,
-        QK_HEAD_DIM=qk_head_dim,
-        QK_HEAD_DIM_ROUNDED=padded_head_dim(qk_head_dim),
-        V_HEAD_DIM=v_head_dim,
-        V_HEAD_DIM_ROUNDED=padded_head_dim(v_head_dim),
+        shape_constants(problem),
         HAS_PARTIAL_BLOCKS=has_partial_blocks,
         HAS_FULL_BLOCKS=has_full_blocks,
         HAS_SCORE_MOD=has_score_mod or not fold_scale,
