@@ -333,11 +333,17 @@ def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_
     head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
     half = _is_half(dtype)
     if half and shared_memory_limit(capability) >= 163 * 1024:  # A100, H100, B200
-        # Measured on H100 (docs/kernels.md): square 64 tiles on one warpgroup at D=64; at
-        # D=128 two warpgroups share 128-key (dK/dV) and 128-row (dQ) programs.
+        # Measured on H100 (docs/kernels.md): square 64 tiles on one warpgroup. At D=128
+        # two stages keep a program near 96 KB of shared memory, so two run per SM and
+        # fill each other's exponential stalls (3-9% over 128-key programs of two
+        # warpgroups, one per SM); dP early helped at D=64 only (at D=128 it cost ALiBi 8%).
+        # The A100 keeps the two-warpgroup tile.
+        hopper = capability[0] >= 9
         if head_dim <= 64:
-            return BackwardConfig(64, 64, 64, 64, 4, 3, early_dp=capability[0] >= 9)
+            return BackwardConfig(64, 64, 64, 64, 4, 3, early_dp=hopper)
         if head_dim <= 128:
+            if hopper:
+                return BackwardConfig(64, 64, 64, 64, 4, 2)
             return BackwardConfig(64, 128, 128, 64, 8, 2)
         return BackwardConfig(32, 64, 64, 32, 4, 1)
     if half and capability[0] >= 8:
@@ -364,6 +370,7 @@ _BACKWARD_CANDIDATES = (
     BackwardConfig(32, 128, 128, 32, 4, 3),
     BackwardConfig(64, 64, 64, 64, 4, 3),
     BackwardConfig(64, 64, 64, 64, 4, 3, early_dp=True),
+    BackwardConfig(64, 64, 64, 64, 4, 2),
     BackwardConfig(32, 64, 64, 32, 4, 3),
     BackwardConfig(64, 128, 128, 64, 4, 2),
     BackwardConfig(32, 32, 32, 32, 4, 1),

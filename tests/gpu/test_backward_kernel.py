@@ -433,6 +433,24 @@ def test_backward_early_dp_either_way(cuda_device, early_dp, head_dim):
     assert re.search(rf"EARLY_DP : tl.constexpr = {early_dp}\b", kernel)
 
 
+@pytest.mark.parametrize("length", [255, 256])
+def test_default_at_head_dim_128_on_hopper(cuda_device, length):
+    # The D=128 default on Hopper: 64x64 tiles on one warpgroup, two stages (two programs
+    # per SM), dP in the plain order; causal has partial and full blocks, ALiBi a score_mod.
+    if torch.cuda.get_device_capability(cuda_device) < (9, 0):
+        pytest.skip("the Hopper default")
+    q, k, v = inputs(cuda_device, torch.bfloat16, M=length, E=128)
+    case = grad_case("alibi", cuda_device, torch.bfloat16, M=length, N=length)
+    causal_mask = grad_case("causal", cuda_device, torch.bfloat16, M=length, N=length).kwargs
+    check_case(q, k, v, case, **causal_mask)
+    torch._dynamo.reset()
+    kernel = backward_kernel(backward_code(q, k, v, case, **causal_mask))
+    for name in ("BLOCK_M1", "BLOCK_N1", "BLOCK_M2", "BLOCK_N2"):
+        assert f"{name} : tl.constexpr = 64" in kernel
+    assert "EARLY_DP : tl.constexpr = False" in kernel
+    assert re.search(r"num_warps=4\b", kernel) and re.search(r"num_stages=2\b", kernel)
+
+
 def _names_value_error(error, text):
     """Whether ``error`` is, or wraps, a ValueError whose message names ``text``. Inductor
     re-raises lowering errors as its own types with the original type and message in

@@ -119,9 +119,11 @@ def test_backward_defaults_on_hopper():
     # The H100 sweep's winners (docs/kernels.md).
     assert default_backward_config(HOPPER, torch.bfloat16, 64, 64) == BackwardConfig(
         64, 64, 64, 64, 4, 3, early_dp=True)
-    assert default_backward_config(HOPPER, torch.bfloat16, 128, 128) == BackwardConfig(64, 128, 128, 64, 8, 2)
-    # dP first was measured on H100 only: the A100 keeps the plain order.
+    assert default_backward_config(HOPPER, torch.bfloat16, 128, 128) == BackwardConfig(
+        64, 64, 64, 64, 4, 2)
+    # Measured on H100 only: the A100 keeps the plain order and the two-warpgroup tile.
     assert not default_backward_config(AMPERE, torch.bfloat16, 64, 64).early_dp
+    assert default_backward_config(AMPERE, torch.bfloat16, 128, 128) == BackwardConfig(64, 128, 128, 64, 8, 2)
 
 
 def test_backward_options_take_the_bwd_prefix():
@@ -155,9 +157,10 @@ def test_backward_tiles_shrink_to_small_sparse_blocks():
     assert select_backward_configs(HOPPER, torch.bfloat16, 64, 64, 8, 8, {}, max_autotune=False) == []
 
 
-# Four float32 [S, S] tables read per score (16 bytes): at D=128 the backward's two stages
-# needed 279 KB on an H100 (227 KB allowed) before the estimate counted them.
-@pytest.mark.parametrize("gathered,stages", [(0, 2), (12, 2), (16, 1)])
+# Four float32 [S, S] tables read per score (16 bytes) made the old 64x128 two-stage D=128
+# backward need 279 KB on an H100 (227 KB allowed) before the estimate counted them; the
+# 64x64 default has room for 8 (32 bytes) at two stages, not for 9.
+@pytest.mark.parametrize("gathered,stages", [(0, 2), (16, 2), (32, 2), (36, 1)])
 def test_backward_default_sheds_stages_for_gathered_tables(gathered, stages):
     (config,) = select_backward_configs(HOPPER, torch.bfloat16, 128, 128, 128, 128, {},
                                         max_autotune=False, gathered_bytes=gathered)
