@@ -451,6 +451,22 @@ def test_default_at_head_dim_128_on_hopper(cuda_device, length):
     assert re.search(r"num_warps=4\b", kernel) and re.search(r"num_stages=2\b", kernel)
 
 
+@pytest.mark.parametrize("early_dp", [False, True])
+@pytest.mark.parametrize("length", [255, 256])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_backward_early_dp_mask_only(cuda_device, early_dp, length, head_dim):
+    # Both orders without a score_mod (the scale folded into the exponent), at a ragged and
+    # a divisible length: causal has partial and full blocks.
+    q, k, v = inputs(cuda_device, torch.bfloat16, M=length, E=head_dim)
+    case = grad_case("causal", cuda_device, torch.bfloat16, M=length, N=length)
+    options = {"bwd_EARLY_DP": early_dp}
+    check_case(q, k, v, case, kernel_options=options)
+    torch._dynamo.reset()
+    kernel = backward_kernel(backward_code(q, k, v, case, kernel_options=options))
+    assert "HAS_SCORE_MOD : tl.constexpr = False" in kernel
+    assert re.search(rf"EARLY_DP : tl.constexpr = {early_dp}\b", kernel)
+
+
 def _names_value_error(error, text):
     """Whether ``error`` is, or wraps, a ValueError whose message names ``text``. Inductor
     re-raises lowering errors as its own types with the original type and message in
