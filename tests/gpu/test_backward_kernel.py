@@ -419,17 +419,24 @@ def test_backward_kernel_options(cuda_device):
 
 
 @pytest.mark.parametrize("early_dp", [False, True])
+@pytest.mark.parametrize("length", [255, 256])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_backward_early_dp_either_way(cuda_device, early_dp, head_dim):
+@pytest.mark.parametrize("score_mod", ["alibi", None])
+def test_backward_early_dp_either_way(cuda_device, early_dp, length, head_dim, score_mod):
     # Both orders of the full-block loops (dO v^T before or after the exponentials), at the
-    # head dims whose defaults differ; causal has partial and full blocks, ALiBi a score_mod.
-    q, k, v = inputs(cuda_device, torch.bfloat16, E=head_dim)
-    case = grad_case("alibi", cuda_device, torch.bfloat16)
-    causal_mask = grad_case("causal", cuda_device, torch.bfloat16).kwargs
+    # head dims whose defaults differ, a ragged and a divisible length, with a score_mod
+    # (ALiBi) and without one (the scale folded into the exponent); causal has partial and
+    # full blocks.
+    q, k, v = inputs(cuda_device, torch.bfloat16, M=length, E=head_dim)
+    causal_case = grad_case("causal", cuda_device, torch.bfloat16, M=length, N=length)
+    case = causal_case if score_mod is None else grad_case(
+        score_mod, cuda_device, torch.bfloat16, M=length, N=length)
+    mask = {} if score_mod is None else causal_case.kwargs
     options = {"bwd_EARLY_DP": early_dp}
-    check_case(q, k, v, case, kernel_options=options, **causal_mask)
+    check_case(q, k, v, case, kernel_options=options, **mask)
     torch._dynamo.reset()
-    kernel = backward_kernel(backward_code(q, k, v, case, kernel_options=options, **causal_mask))
+    kernel = backward_kernel(backward_code(q, k, v, case, kernel_options=options, **mask))
+    assert f"HAS_SCORE_MOD : tl.constexpr = {score_mod is not None}" in kernel
     assert re.search(rf"EARLY_DP : tl.constexpr = {early_dp}\b", kernel)
 
 
@@ -449,22 +456,6 @@ def test_default_at_head_dim_128_on_hopper(cuda_device, length):
         assert f"{name} : tl.constexpr = 64" in kernel
     assert "EARLY_DP : tl.constexpr = False" in kernel
     assert re.search(r"num_warps=4\b", kernel) and re.search(r"num_stages=2\b", kernel)
-
-
-@pytest.mark.parametrize("early_dp", [False, True])
-@pytest.mark.parametrize("length", [255, 256])
-@pytest.mark.parametrize("head_dim", [64, 128])
-def test_backward_early_dp_mask_only(cuda_device, early_dp, length, head_dim):
-    # Both orders without a score_mod (the scale folded into the exponent), at a ragged and
-    # a divisible length: causal has partial and full blocks.
-    q, k, v = inputs(cuda_device, torch.bfloat16, M=length, E=head_dim)
-    case = grad_case("causal", cuda_device, torch.bfloat16, M=length, N=length)
-    options = {"bwd_EARLY_DP": early_dp}
-    check_case(q, k, v, case, kernel_options=options)
-    torch._dynamo.reset()
-    kernel = backward_kernel(backward_code(q, k, v, case, kernel_options=options))
-    assert "HAS_SCORE_MOD : tl.constexpr = False" in kernel
-    assert re.search(rf"EARLY_DP : tl.constexpr = {early_dp}\b", kernel)
 
 
 def _names_value_error(error, text):
