@@ -310,7 +310,7 @@ class BackwardConfig:
     num_warps: int
     num_stages: int
     # On full blocks, issue dO v^T right after q k^T (before the exponentials); measured
-    # faster on H100 with one-warpgroup D=64 tiles, slower with D=128's two warpgroups.
+    # on H100 faster with the D=64 tiles, mixed at D=128 (docs/kernels.md, Configs).
     early_dp: bool = False
 
 
