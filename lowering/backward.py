@@ -44,6 +44,7 @@ from .common import (
     tma_possible,
 )
 from .configs import select_backward_configs
+from .descriptors import DescriptorTemplateKernel, descriptor_input_generators, head_tile_descriptor
 from .subgraphs import (
     JOINT_PLACEHOLDERS,
     MASK_MOD_PLACEHOLDERS,
@@ -65,8 +66,9 @@ def _backward_grid(batch, q_heads, q_len, qk_head_dim, kv_heads, kv_len, meta, *
 
 
 def backward_template():
-    """The backward TritonTemplate."""
-    return cached_template("inductor_flex_bwd", _backward_grid, "backward.py.jinja")
+    """The backward TritonTemplate (its TMA tiles come from host-built descriptors)."""
+    return cached_template("inductor_flex_bwd", _backward_grid, "backward.py.jinja",
+                           kernel_type=DescriptorTemplateKernel)
 
 
 def _delta(out, grad_out, grad_lse):
@@ -114,13 +116,22 @@ def _backward_option(kernel_options, name: str):
     return upper.get("BWD_" + name, upper.get(name))
 
 
-def _use_tma(kernel_options, problem, tensors) -> bool:
+def _use_tma(kernel_options, problem, tensors, num_choices: int) -> bool:
     """Stream the inner loops' tiles through the TMA: on Hopper and newer, for half-precision
     inputs, unless the user says otherwise (``USE_TMA`` / ``bwd_USE_TMA``); never where a
-    tensor's layout does not allow it."""
+    tensor's layout does not allow it, nor where several choices would be timed in a
+    subprocess (it rebuilds the inputs as plain tensors, and a descriptor argument needs
+    ``descriptors.example_descriptor``)."""
     requested = _backward_option(kernel_options, "USE_TMA")
     wanted = (problem.dtype in (torch.float16, torch.bfloat16)) if requested is None else bool(requested)
-    return wanted and tma_possible(problem.capability, tensors)
+    timed_elsewhere = num_choices > 1 and bool(inductor_config.autotune_in_subproc)
+    return wanted and not timed_elsewhere and tma_possible(problem.capability, tensors)
+
+
+# The host descriptors of the inner loops' tiles: (tensor, the constants giving its tile's
+# rows and columns). The dK/dV programs stream q and dO, the dQ programs k and v.
+_DESCRIPTOR_TILES = (("BLOCK_M1", "QK_HEAD_DIM_ROUNDED"), ("BLOCK_M1", "V_HEAD_DIM_ROUNDED"),
+                     ("BLOCK_N2", "QK_HEAD_DIM_ROUNDED"), ("BLOCK_N2", "V_HEAD_DIM_ROUNDED"))
 
 
 def _early_dp(kernel_options, config) -> bool:
@@ -239,7 +250,6 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         SM_SCALE=scale,
         LOGIT_SCALE=scale * LOG2E if fold_scale else LOG2E,
         FLOAT32_PRECISION="'ieee'" if _compat.float32_matmul_is_ieee() else "'tf32'",
-        USE_TMA=_use_tma(kernel_options, problem, (query, key, value, grad_out)),
     )
 
     launches = []
@@ -250,16 +260,27 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
                        EARLY_DP=_early_dp(kernel_options, config)))
         if launch not in launches:  # the user's EARLY_DP can make two configs one kernel
             launches.append(launch)
+    use_tma = _use_tma(kernel_options, problem, (query, key, value, grad_out), len(launches))
+    for _, _, options in launches:
+        options["USE_TMA"] = use_tma
+    # One descriptor per streamed tensor serves every choice (each declares its own tile).
+    descriptors = ([head_tile_descriptor(x, rows, cols, launches[0][2])
+                    for x, (rows, cols) in zip((query, grad_out, key, value), _DESCRIPTOR_TILES)]
+                   if use_tma else [])
+    input_nodes += descriptors
     block_lists = [(kv_indices, True), (q_indices, True)]
     if has_full_blocks:
         block_lists += [(full_kv_indices, False), (full_q_indices, False)]
+    # The block-mask tensors follow the eight named tensors (q ... dV); the descriptors
+    # come last.
+    generators = block_mask_input_generators(8, block_lists, has_full_blocks)
+    generators.update(descriptor_input_generators(8 + len(mask_inputs), descriptors))
     grad_key = choose_kernel(
         backward_template(), "attention_backward", launches, input_nodes=input_nodes,
         layout=layout, subgraphs=[score_buffer, mask_buffer, grad_score_buffer, scatters],
         mutated_inputs=[grad_query, grad_value] + [g for g in grad_buffers if g is not None],
         call_sizes=list(query.get_size()) + [kv_heads, kv_len],
-        # The block-mask tensors follow the eight named tensors (q ... dV).
-        input_generators=block_mask_input_generators(8, block_lists, has_full_blocks),
+        input_generators=generators,
         describe=str(configs))
     record_subgraph_symbols(grad_key, score_mod_other_buffers + mask_mod_other_buffers,
                             [score_buffer, mask_buffer, grad_score_buffer] + list(scatters))

@@ -388,15 +388,19 @@ def choose_kernel(template, name: str, launches: Sequence, *, input_nodes, layou
 _templates: dict = {}
 
 
-def cached_template(name: str, grid, main_file: str):
-    """The TritonTemplate ``name`` (created once: Inductor registers templates by name)."""
+def cached_template(name: str, grid, main_file: str, kernel_type=None):
+    """The TritonTemplate ``name`` (created once: Inductor registers templates by name),
+    rendered by ``kernel_type`` when given (a TritonTemplateKernel subclass)."""
     if name not in _templates:
         from torch._inductor.select_algorithm import SymbolicGridFn
 
         from inductor_flex import _compat
 
-        _templates[name] = _compat.make_triton_template(
+        template = _compat.make_triton_template(
             name=name, grid=SymbolicGridFn(grid), source=template_source(main_file))
+        if kernel_type is not None:
+            template.kernel_type = kernel_type
+        _templates[name] = template
     return _templates[name]
 
 

@@ -486,3 +486,74 @@ def test_backward_tile_that_does_not_divide_the_block_is_an_error(cuda_device, o
         forward_backward(torch.compile(flex_attention), *leaves, grad_out=grad_out,
                          block_mask=block_mask, kernel_options={option: value})
     assert _names_value_error(caught.value, option.removeprefix("bwd_")), caught.value
+
+
+# ---------------------------------------------------------------------------------------
+# TMA tiles from host-built descriptors (lowering/descriptors.py)
+# ---------------------------------------------------------------------------------------
+
+def _hopper(device):
+    if torch.cuda.get_device_capability(device) < (9, 0):
+        pytest.skip("TMA needs Hopper or newer")
+
+
+@pytest.mark.parametrize("E,Ev", [(128, 128), (64, 96)])
+def test_tma_tiles_come_from_host_descriptors(cuda_device, E, Ev):
+    # q and dO (dK/dV programs) and k and v (dQ programs) stream through four descriptors
+    # the wrapper builds before the launch: the kernel declares them as tensordesc
+    # parameters with its own tiles and builds none itself (no per-program scratch).
+    # Ev=96 is not a power of 2: its tile is 128 wide and the TMA zero-fills the rest.
+    _hopper(cuda_device)
+    q, k, v = inputs(cuda_device, torch.bfloat16, M=255, E=E, Ev=Ev)
+    case = grad_case("alibi", cuda_device, torch.bfloat16, M=255, N=255)
+    causal_mask = grad_case("causal", cuda_device, torch.bfloat16, M=255, N=255).kwargs
+    check_case(q, k, v, case, **causal_mask)
+    torch._dynamo.reset()
+    code = backward_code(q, k, v, case, **causal_mask)
+    kernel = backward_kernel(code)
+    assert "USE_TMA : tl.constexpr = True" in kernel
+    assert "make_tensor_descriptor" not in kernel
+    rows = {name: re.search(rf"{name} : tl.constexpr = (\d+)", kernel).group(1)
+            for name in ("BLOCK_M1", "BLOCK_N2")}
+    widths = {"QK": 128 if E > 64 else 64, "V": 128}
+    for name, block, width in (("Q_DESC", "BLOCK_M1", widths["QK"]), ("DO_DESC", "BLOCK_M1", widths["V"]),
+                               ("K_DESC", "BLOCK_N2", widths["QK"]), ("V_DESC", "BLOCK_N2", widths["V"])):
+        signature = rf"'arg_{name}': 'tensordesc<bf16\[1, 1, {rows[block]}, {width}\]>'"
+        assert re.search(signature, kernel), signature
+    assert code.count("TensorDescriptor.from_tensor(") == 4
+
+
+def test_tma_under_max_autotune_with_several_tiles(cuda_device):
+    # Timing several choices hands each kernel autotuning's stand-in descriptors; the one
+    # host descriptor per tensor then serves whichever tile wins.
+    _hopper(cuda_device)
+    q, k, v = inputs(cuda_device, torch.bfloat16, E=128)
+    case = grad_case("alibi", cuda_device, torch.bfloat16)
+    compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
+    check_case(q, k, v, case, compiled=compiled, **grad_case("causal", cuda_device, torch.bfloat16).kwargs)
+
+
+def test_backward_allocates_only_its_results(cuda_device):
+    # The compiled backward's peak allocation is dQ, dK, dV and delta, byte for byte: with
+    # descriptors built in the kernel it also held 128 bytes per descriptor per program
+    # (4 x 1024 programs here, 512 KiB).
+    _hopper(cuda_device)
+    Bm, Hm, Sm, Dm = 1, 4, 8192, 128
+    q, k, v = (torch.randn(Bm, Hm, Sm, Dm, device=cuda_device, dtype=torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    block_mask = create_block_mask(causal, None, None, Sm, Sm, device=cuda_device)
+    grad_out = torch.randn(Bm, Hm, Sm, Dm, device=cuda_device, dtype=torch.bfloat16)
+    compiled = torch.compile(flex_attention)
+    for _ in range(2):  # the first call compiles
+        for t in (q, k, v):
+            t.grad = None
+        out = compiled(q, k, v, block_mask=block_mask)
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out.backward(grad_out)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    gradients = 3 * q.numel() * q.element_size()
+    delta = Bm * Hm * Sm * 4
+    assert peak == gradients + delta, (peak, gradients, delta)
