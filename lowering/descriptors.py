@@ -18,10 +18,12 @@ Inductor passes host descriptors to user-written Triton kernels (``ir.TMADescrip
 - ``HeadTileDescriptor``: the IR node; the wrapper builds the descriptor before the launch.
 - ``DescriptorTemplateKernel``: the template kernel that declares those arguments as
   ``tensordesc<dtype[1, 1, ROWS, COLS]>``, with the tile of the choice it renders (Triton's
-  launcher takes the tile from the compiled kernel, so one descriptor serves every choice).
+  launcher takes the tile from the compiled kernel, so one descriptor serves every choice),
+  and has Triton's launcher run it (``template``).
 - ``example_descriptor``: what autotuning passes in a descriptor's place when it times
   several choices.
 """
+import textwrap
 from typing import Sequence
 
 import torch
@@ -82,15 +84,14 @@ class DescriptorTemplateKernel(TritonTemplateKernel):
         self.args.__class__ = _DescriptorArgs  # the same arguments, descriptor-aware
         self.args.descriptor_tiles = tiles
 
-    def inductor_meta_common(self):
-        meta = super().inductor_meta_common()
-        if self.args.descriptor_tiles:
-            # Inductor's static launcher knows no descriptor argument (a KeyError on
-            # "tensordesc<...>" in torch 2.11 and 2.13); a kernel marked store_cubin goes
-            # through Triton's own launcher, which encodes the descriptor. (It also leaves a
-            # copy of the binary in Inductor's cubin cache on the first launch.)
-            meta["store_cubin"] = True
-        return meta
+    def jit_lines(self):
+        lines = textwrap.dedent(super().jit_lines())
+        if not self.args.descriptor_tiles:
+            return lines
+        decorator = "@triton_heuristics.template("
+        assert decorator in lines, lines
+        return ("import inductor_flex.lowering.descriptors\n"
+                + lines.replace(decorator, "@inductor_flex.lowering.descriptors.template(", 1))
 
     def call_kernel(self, name, node=None, *args, **kwargs):
         if self.args.descriptor_tiles:
@@ -98,6 +99,26 @@ class DescriptorTemplateKernel(TritonTemplateKernel):
             # `import triton` alone does not load.
             V.graph.wrapper_code.add_import_once("import triton.tools.tensor_descriptor")
         return super().call_kernel(name, node, *args, **kwargs)
+
+
+def template(**kwargs):
+    """Inductor's template decorator (``triton_heuristics.template``) for a kernel with
+    descriptor arguments: its autotuner is marked as a user-written kernel's.
+
+    Inductor's own launcher cannot pass a descriptor (it has no entry for
+    ``tensordesc<...>``: a KeyError in torch 2.11 and 2.13) and leaves user-written kernels
+    to Triton's launcher, which encodes one. The mark decides nothing else: templates and
+    user kernels alike skip coordinate-descent tuning."""
+    from torch._inductor.runtime import triton_heuristics
+    from torch._inductor.runtime.hints import HeuristicType
+
+    decorate = triton_heuristics.template(**kwargs)
+
+    def decorator(fn):
+        autotuner = decorate(fn)
+        autotuner.heuristic_type = HeuristicType.USER_AUTOTUNE
+        return autotuner
+    return decorator
 
 
 class _ExampleDescriptor(torch.Tensor):
