@@ -557,3 +557,24 @@ def test_backward_allocates_only_its_results(cuda_device):
     gradients = 3 * q.numel() * q.element_size()
     delta = Bm * Hm * Sm * 4
     assert peak == gradients + delta, (peak, gradients, delta)
+
+
+def test_tma_descriptors_under_cuda_graphs(cuda_device):
+    # reduce-overhead replays the captured launches: their descriptors were encoded once, at
+    # capture, over cudagraph trees' static buffers. Every replay must still read its own
+    # call's data, so it matches the same kernels run without graphs, bit for bit.
+    _hopper(cuda_device)
+    block_mask = create_block_mask(causal, None, None, S, S, device=cuda_device)
+    graphed = torch.compile(flex_attention, mode="reduce-overhead")
+    plain = torch.compile(flex_attention)
+    for seed in range(4):  # warm-up, capture, then replays
+        q, k, v = qkv(cuda_device, torch.bfloat16, B=B, Hq=H, M=S, E=128, seed=seed)
+        grad_out = random_like_output(q, v, seed=seed + 10)
+        results = []
+        for fn in (graphed, plain):
+            torch.compiler.cudagraph_mark_step_begin()
+            leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+            got = forward_backward(fn, *leaves, grad_out=grad_out, block_mask=block_mask)
+            results.append({name: t.clone() for name, t in got.items()})
+        for name in ("out", "dq", "dk", "dv"):
+            assert torch.equal(results[0][name], results[1][name]), (seed, name)
