@@ -14,6 +14,7 @@ fall back to the extern dense implementation. Steps, all decided before launch:
    buffers the kernel adds into atomically (``subgraphs.build_joint_buffers``);
 4. one choice per config from ``templates/backward.py.jinja`` + ``templates/common.py.jinja``;
    dK is the template's output (epilogues fuse into its store), dQ and dV are mutated inputs;
+   with the TMA, q, dO, k and v also come as host-built descriptors (``descriptors.py``);
 5. a key/value batch of 1 under a larger query batch is summed over batch afterwards, and
    buffer gradients are cast to their buffers' dtypes.
 """
