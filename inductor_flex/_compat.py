@@ -100,3 +100,13 @@ def triton_has_tensor_descriptors() -> bool:
     except ImportError:
         return False
     return hasattr(tl, "make_tensor_descriptor")
+
+
+def triton_has_host_tensor_descriptors() -> bool:
+    """Whether this Triton takes TMA descriptors built on the host (``TensorDescriptor``
+    kernel arguments) and this GPU has the TMA."""
+    try:
+        from torch.utils._triton import has_triton_tensor_descriptor_host_tma
+    except ImportError:
+        return False
+    return has_triton_tensor_descriptor_host_tma()

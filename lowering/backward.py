@@ -45,7 +45,12 @@ from .common import (
     tma_possible,
 )
 from .configs import select_backward_configs
-from .descriptors import DescriptorTemplateKernel, descriptor_input_generators, head_tile_descriptor
+from .descriptors import (
+    DescriptorTemplateKernel,
+    descriptor_input_generators,
+    head_tile_descriptor,
+    host_descriptors_usable,
+)
 from .subgraphs import (
     JOINT_PLACEHOLDERS,
     MASK_MOD_PLACEHOLDERS,
@@ -119,20 +124,15 @@ def _backward_option(kernel_options, name: str):
 
 def _use_tma(kernel_options, problem, tensors, num_choices: int) -> bool:
     """Stream the inner loops' tiles through the TMA: on Hopper and newer, for half-precision
-    inputs, unless the user says otherwise (``USE_TMA`` / ``bwd_USE_TMA``); never where a
-    tensor's layout does not allow it, nor where several choices would be timed in a
-    subprocess (it rebuilds the inputs as plain tensors, and a descriptor argument needs
-    ``descriptors.example_descriptor``)."""
+    inputs, unless the user says otherwise (``USE_TMA`` / ``bwd_USE_TMA``); only where the
+    tensors' layouts allow it and they can come as host-built descriptors, and not where
+    several choices would be timed in a subprocess (it rebuilds the inputs as plain tensors,
+    and a descriptor argument needs ``descriptors.example_descriptor``)."""
     requested = _backward_option(kernel_options, "USE_TMA")
     wanted = (problem.dtype in (torch.float16, torch.bfloat16)) if requested is None else bool(requested)
     timed_elsewhere = num_choices > 1 and bool(inductor_config.autotune_in_subproc)
-    return wanted and not timed_elsewhere and tma_possible(problem.capability, tensors)
-
-
-# The host descriptors of the inner loops' tiles: (tensor, the constants giving its tile's
-# rows and columns). The dK/dV programs stream q and dO, the dQ programs k and v.
-_DESCRIPTOR_TILES = (("BLOCK_M1", "QK_HEAD_DIM_ROUNDED"), ("BLOCK_M1", "V_HEAD_DIM_ROUNDED"),
-                     ("BLOCK_N2", "QK_HEAD_DIM_ROUNDED"), ("BLOCK_N2", "V_HEAD_DIM_ROUNDED"))
+    return (wanted and not timed_elsewhere and tma_possible(problem.capability, tensors)
+            and host_descriptors_usable(tensors))
 
 
 def _early_dp(kernel_options, config) -> bool:
@@ -264,18 +264,22 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     use_tma = _use_tma(kernel_options, problem, (query, key, value, grad_out), len(launches))
     for _, _, options in launches:
         options["USE_TMA"] = use_tma
-    # One descriptor per streamed tensor serves every choice (each declares its own tile).
-    descriptors = ([head_tile_descriptor(x, rows, cols, launches[0][2])
-                    for x, (rows, cols) in zip((query, grad_out, key, value), _DESCRIPTOR_TILES)]
+    # The tiles the inner loops stream, as host-built descriptors, in the template's order
+    # (Q_DESC, DO_DESC, K_DESC, V_DESC): the dK/dV programs read q and dO BLOCK_M1 rows at
+    # a time, the dQ programs k and v BLOCK_N2 rows at a time. One descriptor per tensor
+    # serves every choice (each declares its own tile).
+    streamed = [(query, "BLOCK_M1", "QK_HEAD_DIM_ROUNDED"), (grad_out, "BLOCK_M1", "V_HEAD_DIM_ROUNDED"),
+                (key, "BLOCK_N2", "QK_HEAD_DIM_ROUNDED"), (value, "BLOCK_N2", "V_HEAD_DIM_ROUNDED")]
+    descriptors = ([head_tile_descriptor(x, rows, cols, launches[0][2]) for x, rows, cols in streamed]
                    if use_tma else [])
-    input_nodes += descriptors
+    # Kernel arguments: the eight named tensors (q ... dV), the block-mask tensors, the
+    # descriptors (then the buffers the inlined mods read, which choose_kernel appends).
     block_lists = [(kv_indices, True), (q_indices, True)]
     if has_full_blocks:
         block_lists += [(full_kv_indices, False), (full_q_indices, False)]
-    # The block-mask tensors follow the eight named tensors (q ... dV); the descriptors
-    # come last.
     generators = block_mask_input_generators(8, block_lists, has_full_blocks)
-    generators.update(descriptor_input_generators(8 + len(mask_inputs), descriptors))
+    generators.update(descriptor_input_generators(len(input_nodes), descriptors))
+    input_nodes += descriptors
     grad_key = choose_kernel(
         backward_template(), "attention_backward", launches, input_nodes=input_nodes,
         layout=layout, subgraphs=[score_buffer, mask_buffer, grad_score_buffer, scatters],

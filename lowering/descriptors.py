@@ -19,9 +19,11 @@ Inductor passes host descriptors to user-written Triton kernels (``ir.TMADescrip
 - ``DescriptorTemplateKernel``: the template kernel that declares those arguments as
   ``tensordesc<dtype[1, 1, ROWS, COLS]>``, with the tile of the choice it renders (Triton's
   launcher takes the tile from the compiled kernel, so one descriptor serves every choice),
-  and has Triton's launcher run it (``template``).
+  and has Triton's launcher run it.
 - ``example_descriptor``: what autotuning passes in a descriptor's place when it times
-  several choices.
+  several choices. (Inductor's optional kernel-benchmark harnesses, ``benchmark_kernel``
+  and ``benchmark_fusion``, make plain tensors for every argument: they cannot run these
+  kernels.)
 """
 import textwrap
 from typing import Sequence
@@ -61,7 +63,7 @@ class _DescriptorArgs(KernelArgs):
     entry says ``tensordesc<...>`` instead of a pointer (Triton's launcher then turns the
     descriptor into a ``CUtensorMap`` parameter)."""
 
-    descriptor_tiles: dict = {}  # descriptor buffer name -> block shape
+    descriptor_tiles: dict  # descriptor buffer name -> block shape (set by the kernel)
 
     def python_argdefs(self):
         arg_defs, call_args, signature, arg_types = super().python_argdefs()
@@ -90,8 +92,7 @@ class DescriptorTemplateKernel(TritonTemplateKernel):
             return lines
         decorator = "@triton_heuristics.template("
         assert decorator in lines, lines
-        return ("import inductor_flex.lowering.descriptors\n"
-                + lines.replace(decorator, "@inductor_flex.lowering.descriptors.template(", 1))
+        return lines.replace(decorator, _TRITON_LAUNCHED + decorator, 1)
 
     def call_kernel(self, name, node=None, *args, **kwargs):
         if self.args.descriptor_tiles:
@@ -101,24 +102,40 @@ class DescriptorTemplateKernel(TritonTemplateKernel):
         return super().call_kernel(name, node, *args, **kwargs)
 
 
-def template(**kwargs):
-    """Inductor's template decorator (``triton_heuristics.template``) for a kernel with
-    descriptor arguments: its autotuner is marked as a user-written kernel's.
+# Put above the kernel's template decorator: Inductor's static launcher cannot pass a
+# descriptor (it has no entry for "tensordesc<...>": a KeyError in torch 2.11 and 2.13) and
+# leaves kernels marked as user-written to Triton's launcher, which encodes one. The mark
+# decides nothing else (templates and user kernels alike skip coordinate-descent tuning).
+# Defined in the kernel's own module, so compile workers import nothing more.
+_TRITON_LAUNCHED = """\
+def _launched_by_triton(autotuner):
+    autotuner.heuristic_type = triton_heuristics.HeuristicType.USER_AUTOTUNE
+    return autotuner
 
-    Inductor's own launcher cannot pass a descriptor (it has no entry for
-    ``tensordesc<...>``: a KeyError in torch 2.11 and 2.13) and leaves user-written kernels
-    to Triton's launcher, which encodes one. The mark decides nothing else: templates and
-    user kernels alike skip coordinate-descent tuning."""
-    from torch._inductor.runtime import triton_heuristics
-    from torch._inductor.runtime.hints import HeuristicType
 
-    decorate = triton_heuristics.template(**kwargs)
+@_launched_by_triton
+"""
 
-    def decorator(fn):
-        autotuner = decorate(fn)
-        autotuner.heuristic_type = HeuristicType.USER_AUTOTUNE
-        return autotuner
-    return decorator
+
+def host_descriptors_usable(tensors) -> bool:
+    """Whether ``tensors`` (realized IR) can come as host-built descriptors: Triton has
+    them, the static launcher is not forced on kernels marked as user-written (the way
+    around it above), and their strides suit a descriptor (``strides_describable``)."""
+    from torch._inductor import config
+
+    from inductor_flex import _compat
+
+    return (_compat.triton_has_host_tensor_descriptors()
+            and not getattr(config, "static_launch_user_defined_triton_kernels", False)
+            and strides_describable(tensors))
+
+
+def strides_describable(tensors) -> bool:
+    """No outer stride is 0 (an expanded dim): Triton checks only that strides are
+    multiples of 16, and the driver's encoder is not known to take 0."""
+    statically_known_gt = V.graph.sizevars.statically_known_gt
+    return all(statically_known_gt(stride, 0)
+               for x in tensors for stride in x.get_stride()[:-1])
 
 
 class _ExampleDescriptor(torch.Tensor):
@@ -142,7 +159,9 @@ def example_descriptor(node: HeadTileDescriptor):
     strided as the described tensor."""
     from torch._inductor.select_algorithm import AlgorithmSelectorCache
 
-    return AlgorithmSelectorCache.benchmark_example_value(node.tensor).as_subclass(_ExampleDescriptor)
+    # The described tensor's own layout: a view's example must be the view, not its base.
+    example = AlgorithmSelectorCache.benchmark_example_value(node.tensor.get_layout())
+    return example.as_subclass(_ExampleDescriptor)
 
 
 def descriptor_input_generators(first_position: int, descriptors: Sequence) -> dict:

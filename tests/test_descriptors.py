@@ -10,7 +10,8 @@ from torch._inductor.codegen.triton_utils import signature_to_meta
 from torch._inductor.virtualized import V
 
 from inductor_flex.lowering.descriptors import (
-    HeadTileDescriptor, _DescriptorArgs, descriptor_input_generators, example_descriptor)
+    _TRITON_LAUNCHED, HeadTileDescriptor, _DescriptorArgs, descriptor_input_generators,
+    example_descriptor, strides_describable)
 
 
 def _graph():
@@ -82,3 +83,37 @@ def test_descriptor_generators_stand_after_the_other_inputs():
     assert sorted(generators) == [12, 13, 14, 15]
     assert set(generators.values()) == {example_descriptor}
     assert descriptor_input_generators(12, []) == {}
+
+
+def test_stand_in_for_a_view_is_the_view():
+    # A descriptor describes the view it was built on (here [2, 3, 5, 16] heads-second over
+    # a [2, 5, 48] buffer), so its stand-in must have the view's sizes and strides.
+    graph = _graph()
+    with V.set_graph_handler(graph):
+        base = _buffer(graph, "buf4", torch.bfloat16, [2, 5, 48], [240, 48, 1])
+        view = ir.ReinterpretView(data=base, layout=ir.FixedLayout(
+            torch.device("cpu"), torch.bfloat16, [2, 3, 5, 16], [240, 16, 48, 1]))
+        example = example_descriptor(SimpleNamespace(tensor=view))
+    assert tuple(example.shape) == (2, 3, 5, 16) and example.strides == [240, 16, 48, 1]
+
+
+def test_an_expanded_dim_is_not_described():
+    graph = _graph()
+    with V.set_graph_handler(graph):
+        dense = _buffer(graph, "buf5", torch.bfloat16, [2, 3, 5, 16], [240, 80, 16, 1])
+        expanded = _buffer(graph, "buf6", torch.bfloat16, [2, 3, 5, 16], [0, 80, 16, 1])
+        assert strides_describable([dense])
+        assert not strides_describable([dense, expanded])
+
+
+def test_kernels_with_descriptors_are_marked_for_tritons_launcher():
+    # The text put above the template decorator in the kernel's module: valid Python that
+    # marks the autotuner as a user-written kernel's (Inductor's static launcher, which
+    # cannot pass descriptors, then leaves it to Triton's).
+    from torch._inductor.runtime import triton_heuristics
+    from torch._inductor.runtime.hints import HeuristicType
+
+    namespace = {"triton_heuristics": triton_heuristics}
+    exec(_TRITON_LAUNCHED + "def kernel():\n    pass\n", namespace)
+    assert namespace["kernel"].heuristic_type == HeuristicType.USER_AUTOTUNE
+

@@ -523,14 +523,31 @@ def test_tma_tiles_come_from_host_descriptors(cuda_device, E, Ev):
     assert code.count("TensorDescriptor.from_tensor(") == 4
 
 
-def test_tma_under_max_autotune_with_several_tiles(cuda_device):
-    # Timing several choices hands each kernel autotuning's stand-in descriptors; the one
-    # host descriptor per tensor then serves whichever tile wins.
+@pytest.mark.parametrize("layout", ["contiguous", "heads_second"])
+def test_tma_under_max_autotune_with_several_tiles(cuda_device, layout):
+    # Timing several choices hands each kernel autotuning's stand-in descriptors, shaped and
+    # strided as the described tensors; the one host descriptor per tensor then serves
+    # whichever tile wins.
     _hopper(cuda_device)
     q, k, v = inputs(cuda_device, torch.bfloat16, E=128)
+    if layout == "heads_second":  # [B, S, H, D] in memory, as after a projection and a transpose
+        q, k, v = (t.transpose(1, 2).contiguous().transpose(1, 2) for t in (q, k, v))
     case = grad_case("alibi", cuda_device, torch.bfloat16)
     compiled = torch.compile(flex_attention, mode="max-autotune-no-cudagraphs")
     check_case(q, k, v, case, compiled=compiled, **grad_case("causal", cuda_device, torch.bfloat16).kwargs)
+
+
+def test_expanded_key_value_load_without_the_tma(cuda_device):
+    # A key/value batch broadcast by expand (batch stride 0) gets no descriptor (the driver
+    # is not known to take a zero stride): its tiles come through pointer loads.
+    _hopper(cuda_device)
+    q, k, v = inputs(cuda_device, torch.bfloat16, E=128)
+    k, v = (t[:1].expand_as(t) for t in (k, v))
+    case = grad_case("causal", cuda_device, torch.bfloat16)
+    check_case(q, k, v, case)
+    torch._dynamo.reset()
+    kernel = backward_kernel(backward_code(q, k, v, case))
+    assert "USE_TMA : tl.constexpr = False" in kernel
 
 
 def test_backward_allocates_only_its_results(cuda_device):
