@@ -31,8 +31,12 @@ import os
 import sys
 
 import torch
-import triton
-import triton.language as tl
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the CPU wheel of torch comes without Triton
+    sys.exit("bench_atomic_dq.py needs Triton and a CUDA GPU")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_backward import allow_retained_backward, bench_ms, leaf_inputs  # noqa: E402
