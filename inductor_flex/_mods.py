@@ -95,3 +95,13 @@ def score_mod_grid(score_mod: Callable, scores: Tensor, b: Tensor, h: Tensor, q_
     grid = _nest_vmaps(batchable(score_mod), has_score=True, num_buffers=len(buffers))
     out = grid(scores, *_grid_indices(b, h, q_idx, kv_idx), *buffers)
     return torch.as_tensor(out, device=scores.device).expand(scores.shape)
+
+
+def score_mod_at(score_mod: Callable, scores: Tensor, b: Tensor, h: Tensor, q_idx: Tensor,
+                 kv_idx: Tensor, buffers: Sequence[Tensor] = ()) -> Tensor:
+    """``score_mod`` at a list of positions: ``scores`` and the four index vectors are 1-D
+    of one length (position i is ``(b[i], h[i], q_idx[i], kv_idx[i])``). Used where only
+    some positions of a grid may be evaluated (the kept ones of a mask)."""
+    fn = torch.vmap(batchable(score_mod), in_dims=(0,) * 5 + (None,) * len(buffers), out_dims=0)
+    out = fn(scores, *_grid_indices(b, h, q_idx, kv_idx), *buffers)
+    return torch.as_tensor(out, device=scores.device).expand(scores.shape)

@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._mods import mask_mod_grid, score_mod_grid
+from .._mods import mask_mod_grid, score_mod_at, score_mod_grid
 from .forward import empty_in_layout_of  # the fake registrations use it too: strides agree
 
 # Chunks are sized so one chunk's fp32 score tile holds about this many elements (64 MiB);
@@ -209,6 +209,33 @@ class _Problem:
         return self.stacking.to_grid(stacked, chunk).squeeze(-1)
 
 
+def modify_kept_factory(problem: "_Problem", buffers: Sequence[Tensor], grad_positions: Sequence[int],
+                        q_idx: Tensor) -> Callable:
+    """The score_mod over a list of positions ``(scores, b, h, q, kv)``, with the buffers
+    that take gradients passed separately (the vjp's inputs)."""
+    def modify_kept(scores, b, h, q, kv, *wanted_buffers):
+        merged = list(buffers)
+        for position, buffer in zip(grad_positions, wanted_buffers):
+            merged[position] = buffer
+        return score_mod_at(problem.score_mod, scores, b, h, q, kv, merged).to(problem.dtype)
+    return modify_kept
+
+
+def _buffer_grads_at_kept_positions(problem: "_Problem", modify_kept: Callable, raw_grid: Tensor,
+                                    grad_scores_grid: Tensor, keep: Tensor,
+                                    wanted_buffers: Sequence[Tensor], q_idx: Tensor) -> list:
+    """Captured-buffer gradients from the kept positions alone: the score_mod runs only
+    where the mask keeps a score, so values it takes where the mask drops one (a log of a
+    negative distance, say) cannot reach the sums. Taken only when the grid-wide vjp gave a
+    non-finite buffer gradient: it costs index lists of the kept positions."""
+    b, h, q, kv = keep.nonzero(as_tuple=True)
+    indices = (problem.batch_idx[b], problem.head_idx[h], q_idx[q], problem.kv_idx[kv])
+    _, vjp = torch.func.vjp(lambda s, *w: modify_kept(s, *indices, *w),
+                            raw_grid[b, h, q, kv], *wanted_buffers)
+    _, *grads = vjp(grad_scores_grid[b, h, q, kv])
+    return grads
+
+
 def _nonzero_denominator(denominator: Tensor) -> Tensor:
     return torch.where(denominator == 0, torch.ones_like(denominator), denominator)
 
@@ -329,12 +356,12 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
                     merged[position] = buffer
                 return problem.modify(raw_grid, q_idx, merged)
 
-            modified, modify_vjp = torch.func.vjp(
-                modify, stacking.to_grid(raw, chunk), *(buffers[i].detach() for i in grad_positions))
-            del raw
+            raw_grid = stacking.to_grid(raw, chunk)
+            wanted_buffers = [buffers[i].detach() for i in grad_positions]
+            modified, modify_vjp = torch.func.vjp(modify, raw_grid, *wanted_buffers)
             keep = problem.keep_mask(start, stop, q_idx)
             probs, denominator, _, _ = problem.softmax_parts(modified, keep, chunk)
-            del modified, keep
+            del modified
             probs.div_(_nonzero_denominator(denominator))
 
             grad_out_rows = stacking.to_rows(grad_out[:, :, start:stop]).to(work)
@@ -359,8 +386,17 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
             grad_value_acc += torch.matmul(probs.transpose(-1, -2), grad_out_rows)
             del probs
 
-            grad_modified_input, *grad_wanted_buffers = modify_vjp(stacking.to_grid(grad_scores, chunk))
-            del grad_scores
+            grad_scores_grid = stacking.to_grid(grad_scores, chunk)
+            grad_modified_input, *grad_wanted_buffers = modify_vjp(grad_scores_grid)
+            # A dropped score contributes nothing, even where the score_mod (or its
+            # derivative) is not finite there: 0 * NaN would otherwise leak into the sums.
+            keep = keep.expand(grad_modified_input.shape)
+            grad_modified_input = torch.where(keep, grad_modified_input, 0.0)
+            if not all(bool(torch.isfinite(g).all()) for g in grad_wanted_buffers):
+                grad_wanted_buffers = _buffer_grads_at_kept_positions(
+                    problem, modify_kept_factory(problem, buffers, grad_positions, q_idx),
+                    raw_grid, grad_scores_grid, keep, wanted_buffers, q_idx)
+            del grad_scores, grad_scores_grid, raw, raw_grid, keep
             for acc, grad in zip(grad_buffer_acc, grad_wanted_buffers):
                 acc += grad
             # scores = scale * q_rows @ key^T; the scale goes on the small products.
