@@ -110,3 +110,11 @@ def triton_has_host_tensor_descriptors() -> bool:
     except ImportError:
         return False
     return has_triton_tensor_descriptor_host_tma()
+
+
+def current_accelerator():
+    """The current accelerator device (CUDA, ...) or None (``torch.accelerator`` in 2.11+)."""
+    accelerator = getattr(torch, "accelerator", None)
+    if accelerator is None or not accelerator.is_available():
+        return None
+    return accelerator.current_accelerator()

@@ -75,6 +75,11 @@ class FlexKernelOptions(TypedDict, total=False):
     EARLY_DP: bool
     # Kernel family ("AUTO", "TRITON", "TRITON_DECODE", ...); passed through to the lowering.
     BACKEND: str
+    # float16 / bfloat16 kernels: tanh in a score_mod uses the hardware approximation
+    # (default True); False keeps the exact libdevice tanh.
+    APPROX_TANH: bool
+    # Let Triton split the forward's KV loop into producer / consumer warps (default False).
+    WARP_SPECIALIZE: bool
     # AMD-specific tile knobs, passed through.
     kpack: int
     matrix_instr_nonkdim: int
@@ -102,6 +107,12 @@ class AuxOutput(NamedTuple):
 
 # Options the operator's contract reserves for flex_attention itself.
 _INTERNAL_OPTIONS = ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX")
+# Every key FlexKernelOptions declares, upper-cased, each also with a pass prefix.
+_KNOWN_OPTIONS = frozenset(
+    prefix + key.upper()
+    for key in FlexKernelOptions.__annotations__
+    for prefix in ("", "FWD_", "BWD_")
+)
 _warned_return_lse = False
 
 
@@ -247,6 +258,9 @@ def _kernel_options(kernel_options, need_lse: bool, need_max: bool) -> dict:
                 f"and whether gradients are needed")
         if upper in options:
             raise ValueError(f"flex_attention: kernel_options sets {upper} twice (keys are case-insensitive)")
+        if upper not in _KNOWN_OPTIONS and not torch.compiler.is_compiling():
+            warnings.warn(f"flex_attention: unknown kernel option {name!r} is ignored (the known "
+                          f"ones are the keys of FlexKernelOptions)", UserWarning, stacklevel=3)
         options[upper] = setting
     options["OUTPUT_LOGSUMEXP"] = need_lse
     options["OUTPUT_MAX"] = need_max

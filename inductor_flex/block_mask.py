@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from . import _compat
 from ._mods import mask_mod_grid, score_mod_grid
 
 __all__ = [
@@ -172,8 +173,17 @@ def _broadcast_size(function: str, name: str, value) -> int:
     return value
 
 
+def default_device() -> torch.device:
+    """Where masks are built when no device is named: the current accelerator if there is
+    one, else the CPU (torch's own default for create_block_mask / create_mask)."""
+    return _compat.current_accelerator() or torch.device("cpu")
+
+
 def _usable_device(function: str, device) -> torch.device:
-    """``device`` as a torch.device, after checking that tensors can live there."""
+    """``device`` (None: ``default_device()``) as a torch.device, after checking that
+    tensors can live there."""
+    if device is None:
+        return default_device()
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as error:
@@ -659,7 +669,7 @@ def create_mask(
     H: Optional[int],
     Q_LEN: int,
     KV_LEN: int,
-    device: Union[str, torch.device] = "cuda",
+    device: Union[str, torch.device, None] = None,
 ) -> Tensor:
     """The dense bool mask ``[B or 1, H or 1, Q_LEN, KV_LEN]`` of a mask_mod or score_mod.
 
@@ -770,7 +780,7 @@ def create_block_mask(
     H: Optional[int],
     Q_LEN: int,
     KV_LEN: int,
-    device: Union[str, torch.device] = "cuda",
+    device: Union[str, torch.device, None] = None,
     BLOCK_SIZE: _BlockSize = _DEFAULT_SPARSE_BLOCK_SIZE,
     _compile: bool = False,
 ) -> BlockMask:
@@ -953,10 +963,11 @@ def _document_layout(function: str, lengths, offsets, device: torch.device) -> _
 
 
 def _document_device(function: str, lengths, offsets, device) -> torch.device:
-    """``device``, defaulting to that of the given lengths / offsets tensor, else CUDA."""
+    """``device``, defaulting to that of the given lengths / offsets tensor, else
+    ``default_device()``."""
     if device is None:
         given = lengths if lengths is not None else offsets
-        device = given.device if isinstance(given, Tensor) else "cuda"
+        device = given.device if isinstance(given, Tensor) else None
     return _usable_device(function, device)
 
 
@@ -1111,7 +1122,8 @@ def create_document_block_mask(
     positions local to the document (0 at its first token). With ``mask_mod`` the full_*
     fields are None: every visible block is partial, since only evaluating the mod could
     show a block full.
-    ``device`` defaults to the device of the given tensor, else ``"cuda"``.
+    ``device`` defaults to the device of the given tensor, else the current accelerator
+    (the CPU when there is none).
 
     The result's ``mask_mod`` is the exact element mask (it closes over the document ids).
     Work is proportional to the number of blocks.

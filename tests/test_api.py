@@ -365,3 +365,21 @@ def test_api_traces_in_one_graph():
     torch.testing.assert_close(got_out, want_out, atol=1e-6, rtol=0)
     torch.testing.assert_close(got_aux.lse, want_aux.lse, atol=1e-6, rtol=0)
     assert got_aux.max_scores is None
+
+
+def test_unknown_kernel_option_warns_naming_it_and_known_ones_do_not():
+    import warnings
+
+    from inductor_flex import FlexKernelOptions
+
+    q = torch.randn(1, 1, 8, 4)
+    with pytest.warns(UserWarning, match="unknown kernel option 'BLOCK_Q'"):
+        flex_attention(q, q, q, kernel_options={"BLOCK_Q": 64})
+    # Every declared key (and its pass-prefixed, any-case spelling) is accepted silently.
+    options = {key: 1 for key in FlexKernelOptions.__annotations__}
+    options.update({"bwd_USE_TMA": False, "fwd_prescale_qk": False})
+    options["approx_tanh"] = options.pop("APPROX_TANH")  # any case
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        flex_attention(q, q, q, kernel_options=options)
+    assert {"APPROX_TANH", "WARP_SPECIALIZE", "EARLY_DP"} <= set(FlexKernelOptions.__annotations__)

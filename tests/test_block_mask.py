@@ -295,12 +295,19 @@ def test_create_block_mask_rejects_bad_arguments(kwargs, error, message):
         create_block_mask(**args)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
-def test_default_cuda_device_without_cuda_raises_clearly():
-    with pytest.raises(RuntimeError, match=r"CUDA is not available.*device='cpu'"):
-        create_block_mask(causal, 1, 1, 16, 16)
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        create_mask(causal, 1, 1, 16, 16)
+def test_default_device_is_torchs():
+    """No device named: the current accelerator, else the CPU (torch's default), for the
+    builders and the document mask alike."""
+    from torch.nn.attention.flex_attention import create_block_mask as torch_create_block_mask
+
+    expected = torch_create_block_mask(causal, 1, 1, 16, 16).kv_num_blocks.device
+    assert create_block_mask(causal, 1, 1, 16, 16).kv_num_blocks.device == expected
+    assert create_mask(causal, 1, 1, 16, 16).device == expected
+    assert create_document_block_mask(lengths=[100, 156]).kv_num_blocks.device == expected
+    # An explicit CUDA device without CUDA still gets a clear error.
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"CUDA is not available.*device='cpu'"):
+            create_block_mask(causal, 1, 1, 16, 16, device="cuda")
 
 
 def test_create_mask_shapes_and_score_mods():

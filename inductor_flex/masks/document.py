@@ -47,7 +47,7 @@ def generate_document_mask(
     ``inner_mask_mod`` (called with document-local positions) keeps them. ``lengths`` /
     ``offsets`` may hold one packing or one per batch entry (then ``b`` picks the packing).
     ``device`` (where the document ids live) defaults to the given tensor's device, else
-    ``"cuda"``.
+    the current accelerator (the CPU when there is none).
     """
     fn = "generate_document_mask"
     if inner_mask_mod is not None and not callable(inner_mask_mod):
