@@ -37,26 +37,32 @@ def mods(kind, w):
     return lambda s, b, h, q, kv: s - w[h] * torch.log1p((q - kv).to(s.dtype))
 
 
+@pytest.mark.parametrize("device", [
+    "cpu",
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")),
+])
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("kind", ["sqrt", "learned_log_bias"])
-def test_masked_non_finite_mod_gives_finite_exact_gradients(compiled, kind):
+def test_masked_non_finite_mod_gives_finite_exact_gradients(device, compiled, kind):
+    """On CUDA the compiled call runs the fused backward kernel (the causal diagonal blocks
+    are partial: there the mask drops the scores whose mod is not finite)."""
     gen = torch.Generator().manual_seed(0)
     q64, k64, v64 = (torch.randn(1, H, L, E, generator=gen, dtype=torch.float64) for _ in range(3))
     w64 = torch.rand(H, generator=gen, dtype=torch.float64)
-    block_mask = create_block_mask(causal, None, None, L, L, device="cpu")
+    block_mask = create_block_mask(causal, None, None, L, L, device=device)
 
-    q, k, v, w = (t.float().requires_grad_() for t in (q64, k64, v64, w64))
+    q, k, v, w = (t.float().to(device).requires_grad_() for t in (q64, k64, v64, w64))
     attention = torch.compile(flex_attention) if compiled else flex_attention
     out = attention(q, k, v, score_mod=mods(kind, w), block_mask=block_mask)
     grad_out = torch.randn(out.shape, generator=gen)
-    out.backward(grad_out)
+    out.backward(grad_out.to(device))
 
     leaves64 = [t.clone().requires_grad_() for t in (q64, k64, v64, w64)]
     expected = reference(*leaves64, kind)
     expected.backward(grad_out.double())
 
-    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(out.double().cpu(), expected, atol=1e-5, rtol=1e-4)
     names = ["q", "k", "v", "w"] if kind != "sqrt" else ["q", "k", "v"]
     for name, got, want in zip(names, (q, k, v, w), leaves64):
         assert torch.isfinite(got.grad).all(), f"non-finite grad of {name}"
-        torch.testing.assert_close(got.grad.double(), want.grad, atol=1e-4, rtol=1e-4, msg=name)
+        torch.testing.assert_close(got.grad.double().cpu(), want.grad, atol=1e-4, rtol=1e-4, msg=name)
