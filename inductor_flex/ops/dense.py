@@ -209,14 +209,21 @@ class _Problem:
         return self.stacking.to_grid(stacked, chunk).squeeze(-1)
 
 
+def _with_wanted(buffers: Sequence[Tensor], grad_positions: Sequence[int],
+                 wanted_buffers: Sequence[Tensor]) -> list:
+    """The score_mod's buffers with those that take gradients replaced by the vjp's inputs."""
+    merged = list(buffers)
+    for position, buffer in zip(grad_positions, wanted_buffers):
+        merged[position] = buffer
+    return merged
+
+
 def modify_kept_factory(problem: "_Problem", buffers: Sequence[Tensor], grad_positions: Sequence[int],
                         q_idx: Tensor) -> Callable:
     """The score_mod over a list of positions ``(scores, b, h, q, kv)``, with the buffers
     that take gradients passed separately (the vjp's inputs)."""
     def modify_kept(scores, b, h, q, kv, *wanted_buffers):
-        merged = list(buffers)
-        for position, buffer in zip(grad_positions, wanted_buffers):
-            merged[position] = buffer
+        merged = _with_wanted(buffers, grad_positions, wanted_buffers)
         return score_mod_at(problem.score_mod, scores, b, h, q, kv, merged).to(problem.dtype)
     return modify_kept
 
@@ -351,10 +358,7 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
             q_rows, raw = problem.raw_scores(query[:, :, start:stop])
 
             def modify(raw_grid, *wanted_buffers):
-                merged = list(buffers)
-                for position, buffer in zip(grad_positions, wanted_buffers):
-                    merged[position] = buffer
-                return problem.modify(raw_grid, q_idx, merged)
+                return problem.modify(raw_grid, q_idx, _with_wanted(buffers, grad_positions, wanted_buffers))
 
             raw_grid = stacking.to_grid(raw, chunk)
             wanted_buffers = [buffers[i].detach() for i in grad_positions]
