@@ -218,17 +218,8 @@ def _with_wanted(buffers: Sequence[Tensor], grad_positions: Sequence[int],
     return merged
 
 
-def modify_kept_factory(problem: "_Problem", buffers: Sequence[Tensor], grad_positions: Sequence[int],
-                        q_idx: Tensor) -> Callable:
-    """The score_mod over a list of positions ``(scores, b, h, q, kv)``, with the buffers
-    that take gradients passed separately (the vjp's inputs)."""
-    def modify_kept(scores, b, h, q, kv, *wanted_buffers):
-        merged = _with_wanted(buffers, grad_positions, wanted_buffers)
-        return score_mod_at(problem.score_mod, scores, b, h, q, kv, merged).to(problem.dtype)
-    return modify_kept
-
-
-def _buffer_grads_at_kept_positions(problem: "_Problem", modify_kept: Callable, raw_grid: Tensor,
+def _buffer_grads_at_kept_positions(problem: "_Problem", buffers: Sequence[Tensor],
+                                    grad_positions: Sequence[int], raw_grid: Tensor,
                                     grad_scores_grid: Tensor, keep: Tensor,
                                     wanted_buffers: Sequence[Tensor], q_idx: Tensor) -> list:
     """Captured-buffer gradients from the kept positions alone: the score_mod runs only
@@ -237,8 +228,12 @@ def _buffer_grads_at_kept_positions(problem: "_Problem", modify_kept: Callable, 
     non-finite buffer gradient: it costs index lists of the kept positions."""
     b, h, q, kv = keep.nonzero(as_tuple=True)
     indices = (problem.batch_idx[b], problem.head_idx[h], q_idx[q], problem.kv_idx[kv])
-    _, vjp = torch.func.vjp(lambda s, *w: modify_kept(s, *indices, *w),
-                            raw_grid[b, h, q, kv], *wanted_buffers)
+
+    def modify_kept(scores, *wanted):
+        merged = _with_wanted(buffers, grad_positions, wanted)
+        return score_mod_at(problem.score_mod, scores, *indices, merged).to(problem.dtype)
+
+    _, vjp = torch.func.vjp(modify_kept, raw_grid[b, h, q, kv], *wanted_buffers)
     _, *grads = vjp(grad_scores_grid[b, h, q, kv])
     return grads
 
@@ -398,8 +393,8 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
             grad_modified_input = torch.where(keep, grad_modified_input, 0.0)
             if not all(bool(torch.isfinite(g).all()) for g in grad_wanted_buffers):
                 grad_wanted_buffers = _buffer_grads_at_kept_positions(
-                    problem, modify_kept_factory(problem, buffers, grad_positions, q_idx),
-                    raw_grid, grad_scores_grid, keep, wanted_buffers, q_idx)
+                    problem, buffers, grad_positions, raw_grid, grad_scores_grid, keep,
+                    wanted_buffers, q_idx)
             del grad_scores, grad_scores_grid, raw, raw_grid, keep
             for acc, grad in zip(grad_buffer_acc, grad_wanted_buffers):
                 acc += grad
