@@ -165,8 +165,21 @@ def known_contiguous(indices) -> bool:
     return value is not None and value == index[-1]
 
 
+def base_pointer_aligned(node) -> bool:
+    """Whether the buffer under ``node`` starts on a 16-byte boundary. A graph input's
+    storage offset is not in its layout (it is inside the data pointer): Inductor records
+    the inputs whose example was unaligned, and copies an unaligned input at run time when
+    the example was aligned, so the record is the fact to go by."""
+    from torch._inductor.codegen.triton_utils import is_unaligned_buffer_name
+
+    return not is_unaligned_buffer_name(node.get_name())
+
+
 def tma_compatible(node) -> bool:
-    """TMA needs a unit inner stride and 16-byte aligned outer strides and offset."""
+    """TMA needs a 16-byte aligned base pointer, a unit inner stride and 16-byte aligned
+    outer strides and offset."""
+    if not base_pointer_aligned(node):
+        return False
     itemsize = node.get_dtype().itemsize
     strides = node.get_stride()
     sizevars = V.graph.sizevars

@@ -117,3 +117,22 @@ def test_kernels_with_descriptors_are_marked_for_tritons_launcher():
     exec(_TRITON_LAUNCHED + "def kernel():\n    pass\n", namespace)
     assert namespace["kernel"].heuristic_type == HeuristicType.USER_AUTOTUNE
 
+
+
+def test_tma_only_for_a_provably_aligned_base_pointer():
+    # A graph input's storage offset is inside its data pointer, not in its layout: the
+    # layout alone looks aligned. Inductor records inputs whose example was unaligned.
+    from inductor_flex.lowering.common import tma_compatible
+
+    graph = _graph()
+    with V.set_graph_handler(graph):
+        aligned = _buffer(graph, "buf8", torch.float16, [2, 4, 256, 64], [65536, 16384, 64, 1])
+        unaligned = _buffer(graph, "buf9", torch.float16, [2, 4, 256, 64], [65536, 16384, 64, 1])
+        graph.unaligned_buffers.add("buf9")
+        row_stride = _buffer(graph, "buf10", torch.float16, [2, 4, 256, 64], [66560, 16640, 65, 1])
+        view = ir.ReinterpretView(data=aligned, layout=ir.FixedLayout(
+            torch.device("cpu"), torch.float16, [2, 4, 256, 64], [65536, 16384, 64, 1], offset=997))
+        assert tma_compatible(aligned)
+        assert not tma_compatible(unaligned)
+        assert not tma_compatible(row_stride)
+        assert not tma_compatible(view)
