@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from .block_mask import BlockMask, _DEFAULT_SPARSE_BLOCK_SIZE, noop_mask
+from .lowering.options import check_backend
 from .ops import inductor_flex_attention
 
 __all__ = ["AuxOutput", "AuxRequest", "FlexKernelOptions", "flex_attention"]
@@ -73,14 +74,15 @@ class FlexKernelOptions(TypedDict, total=False):
     USE_TMA: bool
     # Backward, full blocks: compute dO v^T before the exponentials (default: per config).
     EARLY_DP: bool
-    # Kernel family ("AUTO", "TRITON", "TRITON_DECODE", ...); passed through to the lowering.
+    # Kernel family: "AUTO" (default), "TRITON", "TRITON_DECODE" ("FLASH" is PyTorch's and
+    # refused here). An explicit family that cannot serve the call raises, naming why.
     BACKEND: str
     # float16 / bfloat16 kernels: tanh in a score_mod uses the hardware approximation
     # (default True); False keeps the exact libdevice tanh.
     APPROX_TANH: bool
     # Let Triton split the forward's KV loop into producer / consumer warps (default False).
     WARP_SPECIALIZE: bool
-    # AMD-specific tile knobs, passed through.
+    # AMD-specific tile knobs: accepted and ignored (no ROCm kernels here).
     kpack: int
     matrix_instr_nonkdim: int
     waves_per_eu: int
@@ -262,6 +264,7 @@ def _kernel_options(kernel_options, need_lse: bool, need_max: bool) -> dict:
             warnings.warn(f"flex_attention: unknown kernel option {name!r} is ignored (the known "
                           f"ones are the keys of FlexKernelOptions)", UserWarning, stacklevel=3)
         options[upper] = setting
+    check_backend(options)
     options["OUTPUT_LOGSUMEXP"] = need_lse
     options["OUTPUT_MAX"] = need_max
     return options

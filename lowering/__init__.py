@@ -1,11 +1,10 @@
 """Inductor lowerings for inductor_flex's operators (installed as ``inductor_flex.lowering``).
 
-One lowering per operator, chosen by device: CUDA gets the fused Triton templates
-(``forward.py``, ``backward.py``); every other device, and any case a
-template does not cover, gets the extern call of the exact chunked implementation
-(``extern.py``).
+One lowering per operator; ``dispatch.py`` chooses the kernel that serves a call: the
+fused Triton templates on CUDA (``forward.py``, ``backward.py``), and for every other
+device or any case a template declines, the extern call of the exact chunked
+implementation (``extern.py``).
 """
-import importlib
 import warnings
 
 from torch._inductor.lowering import register_lowering
@@ -30,21 +29,13 @@ def register() -> None:
     _registered = True
 
 
-def _fused_or_extern(fused: str, extern: str):
-    """A lowering that tries the fused CUDA template (``module.function`` in this package,
-    returning None where it does not apply) and otherwise lowers to the extern call
-    (``extern.<extern>``). Modules load on first use: Inductor imports them only when a
-    graph holds the operator."""
-    def lower(*args, **kwargs):
-        if args[0].get_device().type == "cuda":
-            module, function = fused.split(".")
-            lowered = getattr(importlib.import_module(f"{__name__}.{module}"), function)(*args, **kwargs)
-            if lowered is not None:
-                return lowered
-        return getattr(importlib.import_module(f"{__name__}.extern"), extern)(*args, **kwargs)
+def _lower_forward(*args, **kwargs):
+    from .dispatch import lower_forward
 
-    return lower
+    return lower_forward(*args, **kwargs)
 
 
-_lower_forward = _fused_or_extern("forward.lower_forward", "lower_forward_extern")
-_lower_backward = _fused_or_extern("backward.lower_backward", "lower_backward_extern")
+def _lower_backward(*args, **kwargs):
+    from .dispatch import lower_backward
+
+    return lower_backward(*args, **kwargs)

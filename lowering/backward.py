@@ -36,7 +36,6 @@ from .common import (
     dense_strides_like,
     known_true,
     listed_block_kinds,
-    option_flag,
     realize_captured,
     realize_fixed,
     record_subgraph_symbols,
@@ -45,6 +44,8 @@ from .common import (
     tma_possible,
 )
 from .configs import select_backward_configs
+from .dispatch import Declined
+from .options import BACKWARD, PassOptions
 from .descriptors import (
     DescriptorTemplateKernel,
     descriptor_input_generators,
@@ -115,38 +116,32 @@ def _gradient_accumulation_dtype(buffer, problem) -> torch.dtype:
     return torch.float64 if scores > FLOAT64_ACCUMULATION_ABOVE * elements else torch.float32
 
 
-def _backward_option(kernel_options, name: str):
-    """The user's value for a backward option (``bwd_<name>`` wins over ``<name>``, either
-    case), or None if unset."""
-    upper = {str(k).upper(): v for k, v in kernel_options.items()}
-    return upper.get("BWD_" + name, upper.get(name))
-
-
-def _use_tma(kernel_options, problem, tensors, num_choices: int) -> bool:
+def _use_tma(options, problem, tensors, num_choices: int) -> bool:
     """Stream the inner loops' tiles through the TMA: on Hopper and newer, for half-precision
     inputs, unless the user says otherwise (``USE_TMA`` / ``bwd_USE_TMA``); only where the
     tensors' layouts allow it and they can come as host-built descriptors, and not where
     several choices would be timed in a subprocess (it rebuilds the inputs as plain tensors,
     and a descriptor argument needs ``descriptors.example_descriptor``)."""
-    requested = _backward_option(kernel_options, "USE_TMA")
+    requested = options.get("USE_TMA")
     wanted = (problem.dtype in (torch.float16, torch.bfloat16)) if requested is None else bool(requested)
     timed_elsewhere = num_choices > 1 and bool(inductor_config.autotune_in_subproc)
     return (wanted and not timed_elsewhere and tma_possible(problem.capability, tensors)
             and host_descriptors_usable(tensors))
 
 
-def _early_dp(kernel_options, config) -> bool:
+def _early_dp(options, config) -> bool:
     """Issue dO v^T before the exponentials on full blocks: the config's choice unless the
     user says (``EARLY_DP`` / ``bwd_EARLY_DP``)."""
-    requested = _backward_option(kernel_options, "EARLY_DP")
+    requested = options.get("EARLY_DP")
     return config.early_dp if requested is None else bool(requested)
 
 
 def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
                    fw_graph, joint_graph, block_mask, scale, kernel_options,
                    score_mod_other_buffers=(), mask_mod_other_buffers=()):
-    """Lower the backward operator to the fused Triton kernel, or return None to fall back
-    to the extern dense implementation."""
+    """Lower the backward operator to the fused Triton kernel (``Declined`` where it does
+    not apply)."""
+    options = PassOptions(kernel_options, BACKWARD)
     kernel_options = dict(kernel_options or {})
     (_q_len, _kv_len, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
      q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
@@ -155,14 +150,14 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     problem = attention_problem(query, key, value, (fw_graph, joint_graph, mask_mod),
                                 sparse_q_block, sparse_kv_block, scale,
                                 list(score_mod_other_buffers) + list(mask_mod_other_buffers))
-    if problem is None:
-        return None
-    if grad_out.get_dtype() != problem.dtype or q_num_blocks is None or q_indices is None:
-        return None  # the dK/dV programs walk the transposed (query-side) block lists
+    if grad_out.get_dtype() != problem.dtype:
+        raise Declined(f"grad_out dtype {grad_out.get_dtype()} is not the inputs' {problem.dtype}")
+    if q_num_blocks is None or q_indices is None:
+        raise Declined("the block mask lacks the query-side block lists the dK/dV programs walk")
     if len(q_num_blocks.get_size()) != 3 or len(q_indices.get_size()) != 4:
-        return None  # a hand-built block mask of another rank: the exact path checks it
+        raise Declined("a hand-built block mask of another rank: the exact path checks it")
     if (full_kv_num_blocks is None) != (full_q_num_blocks is None):
-        return None  # full blocks listed on one side only: each side must see the same set
+        raise Declined("full blocks listed on one side only: each side must see the same set")
     # Key/value batch: the query's (one dK/dV per batch) or 1 (dK/dV per query batch, then
     # summed); anything else the kernel cannot index.
     if known_true(sympy.Eq(problem.kv_batch, problem.batch)):
@@ -170,7 +165,7 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     elif known_true(sympy.Eq(problem.kv_batch, 1)):
         sum_over_batch = True
     else:
-        return None
+        raise Declined("key/value batch is neither the query's nor 1: the kernel cannot index it")
 
     dtype, scale, device = problem.dtype, problem.scale, query.get_device()
     qk_head_dim, v_head_dim = problem.qk_head_dim, problem.v_head_dim
@@ -186,7 +181,8 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
                                       max_autotune=bool(inductor_config.max_autotune),
                                       gathered_bytes=gathered)
     if not configs:
-        return None  # sparse blocks too small (or not a power of 2) for a tl.dot tile
+        raise Declined(f"block mask BLOCK_SIZE ({sparse_q_block}, {sparse_kv_block}): no "
+                       f"tl.dot tile of 16 or more divides it")
 
     has_partial_blocks, has_full_blocks = listed_block_kinds(
         kv_num_blocks, full_kv_num_blocks, full_kv_indices)
@@ -196,7 +192,7 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     mask_mod_other_buffers = [realize_captured(b) for b in mask_mod_other_buffers]
     has_score_mod = not is_identity_score_mod(fw_graph)
     # The recomputed probabilities must be the forward's: the same tanh as the forward.
-    approx_tanh = dtype in (torch.float16, torch.bfloat16) and option_flag(kernel_options, "APPROX_TANH", True)
+    approx_tanh = dtype in (torch.float16, torch.bfloat16) and options.flag("APPROX_TANH", True)
     try:
         wants_grad = joint_buffer_gradients(joint_graph, len(score_mod_other_buffers))
         grad_buffers = [_zeros(b.get_size(), _gradient_accumulation_dtype(b, problem), device)
@@ -210,8 +206,8 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         grad_score_buffer, scatters = build_joint_buffers(
             joint_graph, dtype, score_mod_other_buffers, grad_buffers, device,
             approx_tanh=approx_tanh)
-    except ModLoweringError:
-        return None  # a mod or gradient the kernel cannot inline
+    except ModLoweringError as error:
+        raise Declined(f"a mod or its gradient the kernel cannot inline: {error}") from None
 
     # --- inputs and outputs ------------------------------------------------------------------
     query, key, value, logsumexp, grad_out = (
@@ -258,10 +254,10 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         launch = (config.num_warps, config.num_stages,
                   dict(constants, BLOCK_M1=config.block_m1, BLOCK_N1=config.block_n1,
                        BLOCK_M2=config.block_m2, BLOCK_N2=config.block_n2,
-                       EARLY_DP=_early_dp(kernel_options, config)))
+                       EARLY_DP=_early_dp(options, config)))
         if launch not in launches:  # the user's EARLY_DP can make two configs one kernel
             launches.append(launch)
-    use_tma = _use_tma(kernel_options, problem, (query, key, value, grad_out), len(launches))
+    use_tma = _use_tma(options, problem, (query, key, value, grad_out), len(launches))
     for _, _, options in launches:
         options["USE_TMA"] = use_tma
     # The tiles the inner loops stream, as host-built descriptors, in the template's order

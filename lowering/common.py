@@ -16,6 +16,8 @@ import torch
 from torch._inductor import ir
 from torch._inductor.virtualized import V
 
+from .dispatch import Declined
+
 
 # ---------------------------------------------------------------------------------------
 # Small helpers
@@ -203,11 +205,6 @@ def tma_possible(capability, tensors) -> bool:
             and all(tma_compatible(x) for x in tensors))
 
 
-def option_flag(kernel_options, name: str, default: bool = False) -> bool:
-    value = kernel_options.get(name, default)
-    return default if value is None else bool(value)
-
-
 # ---------------------------------------------------------------------------------------
 # Autotuning inputs: the block mask must be valid data, not random bytes
 # ---------------------------------------------------------------------------------------
@@ -295,23 +292,22 @@ class AttentionProblem:
 
 
 def attention_problem(query, key, value, mods: Sequence, sparse_q_block, sparse_kv_block,
-                      scale, buffers: Sequence) -> Optional[AttentionProblem]:
-    """The compile-time description of a call the fused kernels cover, or None when they
-    do not (the caller then falls back to the extern dense implementation; the reason for
-    each case is in the comments)."""
+                      scale, buffers: Sequence) -> AttentionProblem:
+    """The compile-time description of a call the fused kernels cover; ``Declined`` (with
+    the reason) when they do not."""
     dtype = query.get_dtype()
     if dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return None  # float64 and friends: tl.dot has no such path; the exact path is right
+        raise Declined(f"dtype {dtype}: tl.dot has no such path; the exact path is right")
     if key.get_dtype() != dtype or value.get_dtype() != dtype:
-        return None  # mixed dtypes: the api rejects them; nothing to fuse
+        raise Declined("query, key and value dtypes differ")
     if not all(isinstance(mod, ir.Subgraph) for mod in mods):
-        return None  # mods that are not graphs cannot be inlined
+        raise Declined("a mod that is not a graph cannot be inlined")
     if any(not isinstance(b, ir.IRNode) for b in buffers):
-        return None  # a captured symbolic scalar: no kernel argument carries it yet
+        raise Declined("a mod captures a symbolic scalar: no kernel argument carries it yet")
     sparse_q_block = static_int(sparse_q_block)
     sparse_kv_block = static_int(sparse_kv_block)
     if sparse_q_block is None or sparse_kv_block is None:
-        return None  # symbolic block sizes: the tile must divide them at compile time
+        raise Declined("symbolic block mask BLOCK_SIZE: the tile must divide it at compile time")
 
     batch, q_heads, q_len, qk_head_dim_expr = query.get_size()
     kv_batch, kv_heads, kv_len, _ = key.get_size()
@@ -321,13 +317,13 @@ def attention_problem(query, key, value, mods: Sequence, sparse_q_block, sparse_
     # The default scale is 1/sqrt(E): symbolic when E is, constant once E is guarded.
     scale = static_float(scale, {qk_head_dim_expr: qk_head_dim, v_head_dim_expr: v_head_dim})
     if scale is None or not math.isfinite(scale):
-        return None  # a scale that varies at run time: it is baked into the kernel
+        raise Declined("a scale that varies at run time (it is baked into the kernel) or is not finite")
     if max(qk_head_dim, v_head_dim) > MAX_HEAD_DIM or min(qk_head_dim, v_head_dim) < 1:
-        return None  # tiles would not fit in registers / shared memory
+        raise Declined(f"head dims {qk_head_dim}/{v_head_dim} outside 1..{MAX_HEAD_DIM}: the tiles would not fit")
     if known_true(sympy.Eq(q_len, 0)) or known_true(sympy.Eq(kv_len, 0)):
-        return None  # nothing to compute; the dense path writes the empty results
+        raise Declined("an empty sequence: nothing to compute; the dense path writes the empty results")
     if any(known_true(sympy.Gt(n, MAX_GRID_YZ)) for n in (batch, q_heads)):
-        return None  # the launch grids put batch and heads on the y / z axes
+        raise Declined(f"batch or heads above {MAX_GRID_YZ}: the launch grid puts them on the y / z axes")
     capability = torch.cuda.get_device_capability(query.get_device())
     return AttentionProblem(dtype, batch, q_heads, q_len, kv_batch, kv_heads, kv_len,
                             qk_head_dim, v_head_dim, scale, sparse_q_block, sparse_kv_block,

@@ -4,8 +4,8 @@
 Inductor IR nodes for the tensors, ``ir.Subgraph`` for score_mod and for the block mask's
 mask_mod, Python (or sympy) scalars for the rest. It
 
-1. decides whether the fused kernel applies, and returns ``None`` (the caller then uses the
-   extern dense implementation) when it does not;
+1. decides whether the fused kernel applies, and raises ``dispatch.Declined`` with the
+   reason when it does not (the dispatcher then tries the next kernel);
 2. lowers score_mod and mask_mod to inlinable expressions (``subgraphs.py``);
 3. settles every kernel constant in Python: tile configs (``configs.py``), which outputs
    are written, whether bounds checks are needed, how the scale is folded;
@@ -31,7 +31,6 @@ from .common import (
     known_contiguous,
     known_true,
     listed_block_kinds,
-    option_flag,
     output_used,
     realize_captured,
     realize_fixed,
@@ -40,6 +39,8 @@ from .common import (
     shape_constants,
     tma_possible,
 )
+from .dispatch import Declined
+from .options import FORWARD, PassOptions
 from .configs import configs_summary, select_forward_configs
 from .subgraphs import (
     MASK_MOD_PLACEHOLDERS,
@@ -71,8 +72,9 @@ def forward_template():
 
 def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_options,
                   score_mod_other_buffers=(), mask_mod_other_buffers=()):
-    """Lower the forward operator to the fused Triton kernel, or return None to fall back
-    to the extern dense implementation (reasons in the comments below)."""
+    """Lower the forward operator to the fused Triton kernel (``Declined`` where it does
+    not apply)."""
+    options = PassOptions(kernel_options, FORWARD)
     kernel_options = dict(kernel_options or {})
     (q_len_arg, kv_len_arg, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
      _q_num_blocks, _q_indices, _full_q_num_blocks, _full_q_indices,
@@ -81,8 +83,6 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     problem = attention_problem(query, key, value, (score_mod, mask_mod), sparse_q_block,
                                 sparse_kv_block, scale,
                                 list(score_mod_other_buffers) + list(mask_mod_other_buffers))
-    if problem is None:
-        return None
     dtype, scale = problem.dtype, problem.scale
     batch, q_heads, q_len = problem.batch, problem.q_heads, problem.q_len
     kv_len = problem.kv_len
@@ -104,22 +104,23 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
                                      max_autotune=bool(inductor_config.max_autotune),
                                      mask_free=not has_partial_blocks, gathered_bytes=gathered)
     if not configs:
-        return None  # sparse blocks too small (or not a power of 2) for a tl.dot tile
+        raise Declined(f"block mask BLOCK_SIZE ({sparse_q_block}, {sparse_kv_block}): no "
+                       f"tl.dot tile of 16 or more divides it")
 
     # --- score_mod / mask_mod -> inlinable expressions ---------------------------------------
     device = query.get_device()
     score_mod_other_buffers = [realize_captured(b) for b in score_mod_other_buffers]
     mask_mod_other_buffers = [realize_captured(b) for b in mask_mod_other_buffers]
     has_score_mod = not is_identity_score_mod(score_mod)
-    approx_tanh = dtype in (torch.float16, torch.bfloat16) and option_flag(kernel_options, "APPROX_TANH", True)
+    approx_tanh = dtype in (torch.float16, torch.bfloat16) and options.flag("APPROX_TANH", True)
     try:
         score_buffer = build_mod_buffer(
             score_mod, SCORE_MOD_PLACEHOLDERS, (dtype,) + (torch.int32,) * 4,
             score_mod_other_buffers, device, approx_tanh=approx_tanh)
         mask_buffer = build_mod_buffer(
             mask_mod, MASK_MOD_PLACEHOLDERS, (torch.int32,) * 4, mask_mod_other_buffers, device)
-    except ModLoweringError:
-        return None  # the mod needs more than one pointwise expression
+    except ModLoweringError as error:
+        raise Declined(f"a mod the kernel cannot inline: {error}") from None
 
     # --- inputs and outputs -------------------------------------------------------------------
     query, key, value = (realize_fixed(x) for x in (query, key, value))
@@ -135,7 +136,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     # max_scores gets a full buffer only when the graph reads it; otherwise the kernel's MAX
     # argument is a one-element placeholder (never written: OUTPUT_MAX is False) and the
     # returned max_scores is an unrealized fill that dead-code elimination drops.
-    output_max = output_used(2, option_flag(kernel_options, "OUTPUT_MAX", True))
+    output_max = output_used(2, options.flag("OUTPUT_MAX", True))
     if output_max:
         max_scores = empty_strided([batch, q_heads, q_len], None, dtype=torch.float32, device=device)
         max_argument = max_scores
@@ -147,7 +148,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     input_nodes = [query, key, value, lse, max_argument] + mask_inputs
 
     # --- constants decided here, not in the kernel ---------------------------------------------
-    prescale = option_flag(kernel_options, "PRESCALE_QK")
+    prescale = options.flag("PRESCALE_QK")
     # With no score_mod and a positive scale, the scale folds into the base-2 conversion
     # (row max commutes with a positive factor), leaving one FMA per score.
     fold_scale = folds_scale(has_score_mod, scale)
@@ -156,7 +157,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     else:
         logit_scale, qk_prescale = LOG2E, scale
     # TMA: a config's preference unless the user says; only where the GPU and layouts allow.
-    tma_requested = kernel_options.get("USE_TMA")
+    tma_requested = options.get("USE_TMA")
     tma_allowed = tma_possible(capability, (query, key, value))
     divisible = (known_true(sympy.Eq(sympy.Mod(kv_len, sparse_kv_block), 0)))
     constants = dict(
@@ -168,11 +169,11 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         LOGIT_SCALE=logit_scale,
         PRESCALE_QK=prescale,
         QK_PRESCALE=qk_prescale,
-        ROWS_GUARANTEED_SAFE=option_flag(kernel_options, "ROWS_GUARANTEED_SAFE"),
-        BLOCKS_ARE_CONTIGUOUS=option_flag(kernel_options, "BLOCKS_ARE_CONTIGUOUS",
-                                    blocks_in_order and CONTIGUOUS_WHEN_KNOWN),
-        WARP_SPECIALIZE=option_flag(kernel_options, "WARP_SPECIALIZE"),
-        OUTPUT_LOGSUMEXP=output_used(1, option_flag(kernel_options, "OUTPUT_LOGSUMEXP", True)),
+        ROWS_GUARANTEED_SAFE=options.flag("ROWS_GUARANTEED_SAFE"),
+        BLOCKS_ARE_CONTIGUOUS=options.flag("BLOCKS_ARE_CONTIGUOUS",
+                                                    blocks_in_order and CONTIGUOUS_WHEN_KNOWN),
+        WARP_SPECIALIZE=options.flag("WARP_SPECIALIZE"),
+        OUTPUT_LOGSUMEXP=output_used(1, options.flag("OUTPUT_LOGSUMEXP", True)),
         OUTPUT_MAX=output_max,
         FLOAT32_PRECISION="'ieee'" if _compat.float32_matmul_is_ieee() else "'tf32'",
     )

@@ -377,6 +377,7 @@ def test_unknown_kernel_option_warns_naming_it_and_known_ones_do_not():
         flex_attention(q, q, q, kernel_options={"BLOCK_Q": 64})
     # Every declared key (and its pass-prefixed, any-case spelling) is accepted silently.
     options = {key: 1 for key in FlexKernelOptions.__annotations__}
+    options.update(BACKEND="AUTO", FORCE_USE_FLEX_ATTENTION=False)  # values checked elsewhere
     options.update({"bwd_USE_TMA": False, "fwd_prescale_qk": False})
     options["approx_tanh"] = options.pop("APPROX_TANH")  # any case
     with warnings.catch_warnings():
