@@ -154,3 +154,32 @@ def test_fully_masked_rows_and_batches(device, mask_mod, dtype):
     assert torch.all(torch.isneginf(got["lse"][blind]))
     for name, value in got.items():
         assert not value.isnan().any(), name
+
+
+def test_backend_triton_serves_both_passes_and_refuses_what_it_cannot(device):
+    """BACKEND='TRITON': the fused templates serve forward and backward (no extern call in
+    the code); a call they decline (float64) is an error naming the reason, not a silent
+    dense run."""
+    if device != "cuda":
+        pytest.skip("the fused Triton kernels compile for CUDA only")
+    from torch._inductor.utils import run_and_get_code
+
+    gen = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(B, H, S, D, generator=gen).to(device, torch.bfloat16).requires_grad_()
+               for _ in range(3))
+    fn = torch.compile(flex_attention)
+    block_mask = create_block_mask(causal, None, None, S, S, device=device)
+
+    def step():
+        out = fn(q, k, v, block_mask=block_mask, kernel_options={"BACKEND": "TRITON"})
+        out.sum().backward()
+        return out
+
+    out, code = run_and_get_code(step)
+    text = "\n".join(code)
+    assert "inductor_flex.dense" not in text and "triton_tem" in text
+    ref = flex_attention(*(t.detach().double() for t in (q, k, v)), block_mask=block_mask)
+    torch.testing.assert_close(out.double(), ref, atol=2e-2, rtol=2e-2)
+    torch._dynamo.reset()
+    with pytest.raises(RuntimeError, match="BACKEND='TRITON' cannot serve this call: fused Triton forward: dtype torch.float64"):
+        fn(*(t.detach().double() for t in (q, k, v)), kernel_options={"BACKEND": "TRITON"})
