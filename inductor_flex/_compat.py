@@ -1,9 +1,6 @@
 """Every difference between the torch versions we support (>= 2.11) lives here."""
 import torch
 
-TORCH_VERSION = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2])
-
-
 # --- Dynamo capture rule (inductor_flex/dynamo.py) -------------------------------------
 # Imported lazily: torch._dynamo is heavy and most importers of _compat do not need it.
 

@@ -161,12 +161,6 @@ def known_empty(num_blocks) -> bool:
     return value is not None and value == 0
 
 
-def known_contiguous(indices) -> bool:
-    """Whether every row of a block-index tensor is 0, 1, 2, ... (blocks in order)."""
-    value, index = _index_expression(indices)
-    return value is not None and value == index[-1]
-
-
 def base_pointer_aligned(node) -> bool:
     """Whether the buffer under ``node`` starts on a 16-byte boundary. A graph input's
     storage offset is not in its layout (it is inside the data pointer): Inductor records
@@ -233,12 +227,6 @@ def block_indices_for_autotune(node):
     size = size_hints(node)
     columns = torch.arange(size[-1], dtype=node.get_dtype(), device=node.get_device())
     return columns.expand(size).contiguous()
-
-
-def autotune_select_algorithm_compat(name, choices, inputs, layout, input_gen_fns):
-    from torch._inductor.select_algorithm import autotune_select_algorithm
-
-    return autotune_select_algorithm(name, choices, inputs, layout, input_gen_fns=input_gen_fns)
 
 
 def record_subgraph_symbols(out, inputs: Sequence, outputs: Sequence) -> None:
@@ -388,9 +376,11 @@ def choose_kernel(template, name: str, launches: Sequence, *, input_nodes, layou
     if not choices:
         raise RuntimeError(f"inductor_flex: no {name} kernel could be generated for configs "
                            f"{describe}: {errors[0] if errors else 'unknown'}")
-    result = autotune_select_algorithm_compat(f"inductor_flex_{name}", choices,
-                                              list(choices[0].input_nodes), layout,
-                                              input_generators)
+    from torch._inductor.select_algorithm import autotune_select_algorithm
+
+    result = autotune_select_algorithm(f"inductor_flex_{name}", choices,
+                                       list(choices[0].input_nodes), layout,
+                                       input_gen_fns=input_generators)
     return _compat.autotune_result_node(result)
 
 

@@ -28,7 +28,6 @@ from .common import (
     block_mask_input_generators,
     choose_kernel,
     dense_strides_like,
-    known_contiguous,
     known_true,
     listed_block_kinds,
     output_used,
@@ -51,10 +50,6 @@ from .subgraphs import (
     is_identity_score_mod,
 )
 
-# Whether a block mask known at compile time to list its blocks in order (the one
-# flex_attention builds when given none) walks them without reading indices. Off: on H100
-# the index-free loop measured 10-15% slower (docs/kernels.md); the flag stays for retuning.
-CONTIGUOUS_WHEN_KNOWN = False
 
 def _forward_grid(batch, q_heads, q_len, head_dim, meta, *, cdiv):
     """One program per (BLOCK_M query rows, batch, query head)."""
@@ -93,8 +88,6 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     # builds one in the graph (no partial blocks, every block full and in order).
     has_partial_blocks, has_full_blocks = listed_block_kinds(
         kv_num_blocks, full_kv_num_blocks, full_kv_indices)
-    blocks_in_order = ((not has_partial_blocks or known_contiguous(kv_indices))
-                        and (not has_full_blocks or known_contiguous(full_kv_indices)))
 
     capability = problem.capability
     gathered = (gathered_bytes_per_score(score_mod, SCORE_MOD_PLACEHOLDERS, score_mod_other_buffers)
@@ -170,8 +163,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         PRESCALE_QK=prescale,
         QK_PRESCALE=qk_prescale,
         ROWS_GUARANTEED_SAFE=options.flag("ROWS_GUARANTEED_SAFE"),
-        BLOCKS_ARE_CONTIGUOUS=options.flag("BLOCKS_ARE_CONTIGUOUS",
-                                                    blocks_in_order and CONTIGUOUS_WHEN_KNOWN),
+        BLOCKS_ARE_CONTIGUOUS=options.flag("BLOCKS_ARE_CONTIGUOUS"),
         WARP_SPECIALIZE=options.flag("WARP_SPECIALIZE"),
         OUTPUT_LOGSUMEXP=output_used(1, options.flag("OUTPUT_LOGSUMEXP", True)),
         OUTPUT_MAX=output_max,
