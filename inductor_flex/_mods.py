@@ -16,6 +16,13 @@ import torch
 import torch.fx
 from torch import Tensor
 
+
+def identity_score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+    """The score_mod of a call that gives none: scores pass unchanged. (The keep-all
+    mask_mod is the public ``noop_mask``.)"""
+    return score
+
+
 # AOT tracing with decompositions turns dtype casts into prims (from the decompositions of
 # tanh_backward, gelu, softplus, ... and of every ``.float()``), and vmap has no batching
 # rule for prims: it falls back to one call per grid element, orders of magnitude slower.

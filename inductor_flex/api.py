@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, TypedDict, Union
 import torch
 from torch import Tensor
 
+from ._mods import identity_score_mod
 from .block_mask import BlockMask, _DEFAULT_SPARSE_BLOCK_SIZE, noop_mask
 from .lowering.options import check_backend
 from .ops import inductor_flex_attention
@@ -116,10 +117,6 @@ _KNOWN_OPTIONS = frozenset(
     for prefix in ("", "FWD_", "BWD_")
 )
 _warned_return_lse = False
-
-
-def _identity_score_mod(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-    return score
 
 
 # ---------------------------------------------------------------------------------------
@@ -374,7 +371,7 @@ def flex_attention(
     else:
         _validate_block_mask(block_mask, query, key)
     if score_mod is None:
-        score_mod = _identity_score_mod
+        score_mod = identity_score_mod
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if return_lse:

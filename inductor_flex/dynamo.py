@@ -13,7 +13,7 @@ single graph node::
 with the argument order of docs/internals.md. Guards on whatever Python state the mods
 read come from the speculation, so changing such a value recompiles, while changing the
 values inside a captured tensor does not. A missing score_mod / mask_mod is recorded as
-:func:`identity_score_mod` / :func:`keep_all_mask_mod`, so the node always carries two
+:func:`_mods.identity_score_mod` / :func:`noop_mask`, so the node always carries two
 GraphModules; the block sizes (tuple items 10 and 11) are always plain ints.
 
 The buffers are tensors, with one exception: a mod that reads a symbolic Python number
@@ -38,13 +38,13 @@ import torch.fx
 
 from inductor_flex import _compat
 from inductor_flex._indexing import getitem_with_index_tensors, index_with_tensors, tensor_index_parts
+from inductor_flex._mods import identity_score_mod
+from inductor_flex.block_mask import noop_mask
 from inductor_flex.ops.forward import inductor_flex_attention
 
 __all__ = [
     "InductorFlexAttentionVariable",
-    "identity_score_mod",
     "getitem_with_index_tensors",
-    "keep_all_mask_mod",
     "register",
 ]
 
@@ -66,16 +66,6 @@ _BLOCK_MASK_TUPLE_LENGTH = 13
 # shapes, so the graph must carry them as ints even where Dynamo made them symbolic (it
 # does for ints read from a BlockMask input under dynamic=True).
 _BLOCK_SIZE_POSITIONS = (10, 11)
-
-
-def identity_score_mod(score, b, h, q_idx, kv_idx):
-    """The score_mod recorded when the caller gives none: scores pass unchanged."""
-    return score
-
-
-def keep_all_mask_mod(b, h, q_idx, kv_idx):
-    """The mask_mod recorded when the block mask carries none: every position is kept."""
-    return b.new_ones((), dtype=torch.bool)
 
 
 def _example_value(arg: Any) -> Any:
@@ -170,7 +160,7 @@ class InductorFlexAttentionVariable(_hop_variables.TorchHigherOrderOperatorVaria
             tx, bound.get("mask_mod_other_buffers"), "mask_mod_other_buffers")
 
         score_mod = self._callable_or_default(tx, bound["score_mod"], identity_score_mod)
-        mask_mod = self._callable_or_default(tx, block_mask_items[-1], keep_all_mask_mod)
+        mask_mod = self._callable_or_default(tx, block_mask_items[-1], noop_mask)
 
         score_examples, index_examples = self._example_inputs(tx, query)
         score_mod_node, score_buffers = self._capture_mod(
