@@ -1,7 +1,7 @@
 """Package metadata for inductor_flex.
 
 The Inductor lowering lives in ``lowering/`` and the Triton templates in ``templates/``
-at the top of the repository (see the design card); here they are mapped into the
+at the top of the repository (docs/internals.md maps the rooms); here they are mapped into the
 ``inductor_flex`` namespace so that an installed copy is one importable package.
 """
 from setuptools import setup
