@@ -392,7 +392,7 @@ def test_mod_source_round_trip_lifts_constants():
         return torch.where(q_idx >= kv_idx, score * table[kv_idx], -float("inf"))
 
     from inductor_flex._indexing import index_with_tensors
-    from inductor_flex.ops.forward import mod_example_args
+    from inductor_flex.ops._shared import mod_example_args
 
     with index_with_tensors():
         graph = make_fx(score_mod)(*mod_example_args(torch.zeros(1)))

@@ -49,7 +49,8 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make
 from .backward import inductor_flex_attention_backward
 from inductor_flex._indexing import index_with_tensors
 
-from .forward import inductor_flex_attention, mod_example_args
+from ._shared import mod_example_args
+from .forward import inductor_flex_attention
 
 
 def _is_traced(tensors: Sequence[Tensor]) -> bool:

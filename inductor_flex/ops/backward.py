@@ -26,7 +26,7 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_ten
 from inductor_flex._indexing import index_with_tensors
 from inductor_flex._mods import batchable
 
-from .forward import (
+from ._shared import (
     empty_in_layout_of,
     functionalize_mod,
     mod_example_args,

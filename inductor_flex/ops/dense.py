@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from .._mods import mask_mod_grid, score_mod_at, score_mod_grid
-from .forward import empty_in_layout_of  # the fake registrations use it too: strides agree
+from ._shared import empty_in_layout_of  # the fake registrations use it too: strides agree
 
 # Chunks are sized so one chunk's fp32 score tile holds about this many elements (64 MiB);
 # the forward keeps a handful of tiles of that size alive at once, the backward about twice
