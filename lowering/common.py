@@ -257,15 +257,19 @@ _TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 
 def template_source(main_file: str) -> str:
-    """A template's Jinja source: ``main_file`` (its kernel) followed by the device functions
-    shared through ``common.py.jinja``. Read from the installed ``inductor_flex.templates``
-    package, or from the source tree when running from a checkout."""
+    """A template's Jinja source: ``common.py.jinja`` (the shared macros and device
+    functions) followed by ``main_file`` (its kernel). The shared file comes first so its
+    macros are defined where the kernel uses them (Inductor's Jinja environment has no
+    loader, hence no ``{% import %}``); it renders no text of its own, and the kernel
+    template places the shared device functions after the kernel. Read from the installed
+    ``inductor_flex.templates`` package, or from the source tree when running from a
+    checkout."""
     from inductor_flex import templates
 
     directory = Path(templates.__file__).resolve().parent
     if not (directory / main_file).exists():
         directory = _TEMPLATE_DIR
-    return (directory / main_file).read_text() + (directory / "common.py.jinja").read_text()
+    return (directory / "common.py.jinja").read_text() + (directory / main_file).read_text()
 
 
 LOG2E = 1.4426950408889634  # converts natural-log units to base 2
