@@ -25,10 +25,10 @@ from torch._inductor import ir
 from torch._inductor.utils import sympy_product
 from torch._inductor.virtualized import V
 
-from inductor_flex import _compat
-
 from .common import (
     LOG2E,
+    approximate_tanh,
+    float32_precision,
     folds_scale,
     attention_problem,
     block_mask_input_generators,
@@ -36,6 +36,7 @@ from .common import (
     dense_strides_like,
     known_true,
     listed_block_kinds,
+    lower_score_and_mask_mods,
     realize_captured,
     realize_fixed,
     record_subgraph_symbols,
@@ -58,7 +59,6 @@ from .subgraphs import (
     SCORE_MOD_PLACEHOLDERS,
     ModLoweringError,
     build_joint_buffers,
-    build_mod_buffer,
     gathered_bytes_per_score,
     is_identity_score_mod,
     joint_buffer_gradients,
@@ -192,17 +192,15 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     mask_mod_other_buffers = [realize_captured(b) for b in mask_mod_other_buffers]
     has_score_mod = not is_identity_score_mod(fw_graph)
     # The recomputed probabilities must be the forward's: the same tanh as the forward.
-    approx_tanh = dtype in (torch.float16, torch.bfloat16) and options.flag("APPROX_TANH", True)
+    approx_tanh = approximate_tanh(dtype, options)
     try:
         wants_grad = joint_buffer_gradients(joint_graph, len(score_mod_other_buffers))
         grad_buffers = [_zeros(b.get_size(), _gradient_accumulation_dtype(b, problem), device)
                         if needed else None
                         for b, needed in zip(score_mod_other_buffers, wants_grad)]
-        score_buffer = build_mod_buffer(
-            fw_graph, SCORE_MOD_PLACEHOLDERS, (dtype,) + (torch.int32,) * 4,
-            score_mod_other_buffers, device, approx_tanh=approx_tanh)
-        mask_buffer = build_mod_buffer(
-            mask_mod, MASK_MOD_PLACEHOLDERS, (torch.int32,) * 4, mask_mod_other_buffers, device)
+        score_buffer, mask_buffer = lower_score_and_mask_mods(
+            fw_graph, mask_mod, dtype, score_mod_other_buffers, mask_mod_other_buffers, device,
+            approx_tanh)
         grad_score_buffer, scatters = build_joint_buffers(
             joint_graph, dtype, score_mod_other_buffers, grad_buffers, device,
             approx_tanh=approx_tanh)
@@ -246,7 +244,7 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         HAS_BUFFER_GRADS=bool(scatters),
         SM_SCALE=scale,
         LOGIT_SCALE=scale * LOG2E if fold_scale else LOG2E,
-        FLOAT32_PRECISION="'ieee'" if _compat.float32_matmul_is_ieee() else "'tf32'",
+        FLOAT32_PRECISION=float32_precision(),
     )
 
     launches = []

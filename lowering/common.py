@@ -242,15 +242,19 @@ _TEMPLATE_DIR = Path(__file__).resolve().parent.parent / "templates"
 
 
 def template_source(main_file: str) -> str:
-    """A template's Jinja source: ``main_file`` (its kernel) followed by the device functions
-    shared through ``common.py.jinja``. Read from the installed ``inductor_flex.templates``
-    package, or from the source tree when running from a checkout."""
+    """A template's Jinja source: ``common.py.jinja`` (the shared macros and device
+    functions) followed by ``main_file`` (its kernel). The shared file comes first so its
+    macros are defined where the kernel uses them (Inductor's Jinja environment has no
+    loader, hence no ``{% import %}``); it renders no text of its own, and the kernel
+    template places the shared device functions after the kernel. Read from the installed
+    ``inductor_flex.templates`` package, or from the source tree when running from a
+    checkout."""
     from inductor_flex import templates
 
     directory = Path(templates.__file__).resolve().parent
     if not (directory / main_file).exists():
         directory = _TEMPLATE_DIR
-    return (directory / main_file).read_text() + (directory / "common.py.jinja").read_text()
+    return (directory / "common.py.jinja").read_text() + (directory / main_file).read_text()
 
 
 LOG2E = 1.4426950408889634  # converts natural-log units to base 2
@@ -408,3 +412,38 @@ def folds_scale(has_score_mod: bool, scale: float) -> bool:
     only without a score_mod, and only for a positive scale: masked scores are -inf before
     the multiply, and -inf times a scale <= 0 is +inf or NaN."""
     return not has_score_mod and scale > 0
+
+
+# ---------------------------------------------------------------------------------------
+# Steps both lowerings take the same way
+# ---------------------------------------------------------------------------------------
+
+def approximate_tanh(dtype: torch.dtype, options) -> bool:
+    """Whether the inlined mods' tanh is the fast approximation: for half-precision inputs,
+    unless ``APPROX_TANH`` is off. One rule for both kernels: the backward's recomputed
+    probabilities must be the forward's."""
+    return dtype in (torch.float16, torch.bfloat16) and options.flag("APPROX_TANH", True)
+
+
+def lower_score_and_mask_mods(score_mod, mask_mod, dtype: torch.dtype, score_mod_buffers: Sequence,
+                              mask_mod_buffers: Sequence, device, approx_tanh: bool):
+    """``(score_buffer, mask_buffer)``: score_mod over (score, b, h, m, n) and mask_mod over
+    (b, h, m, n), each reading its captured buffers, lowered to the inlinable expressions the
+    templates' ``modification`` calls expand (subgraphs 0 and 1). Raises
+    ``ModLoweringError`` when a mod needs more than one pointwise expression."""
+    from .subgraphs import MASK_MOD_PLACEHOLDERS, SCORE_MOD_PLACEHOLDERS, build_mod_buffer
+
+    score_buffer = build_mod_buffer(
+        score_mod, SCORE_MOD_PLACEHOLDERS, (dtype,) + (torch.int32,) * 4,
+        score_mod_buffers, device, approx_tanh=approx_tanh)
+    mask_buffer = build_mod_buffer(
+        mask_mod, MASK_MOD_PLACEHOLDERS, (torch.int32,) * 4, mask_mod_buffers, device)
+    return score_buffer, mask_buffer
+
+
+def float32_precision() -> str:
+    """The kernels' FLOAT32_PRECISION constant: how tl.dot multiplies float32 inputs,
+    'ieee' where PyTorch's matmul settings ask for exact float32, else 'tf32'."""
+    from inductor_flex import _compat
+
+    return "'ieee'" if _compat.float32_matmul_is_ieee() else "'tf32'"

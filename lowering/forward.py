@@ -19,10 +19,10 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 
-from inductor_flex import _compat
-
 from .common import (
     LOG2E,
+    approximate_tanh,
+    float32_precision,
     folds_scale,
     attention_problem,
     block_mask_input_generators,
@@ -30,6 +30,7 @@ from .common import (
     dense_strides_like,
     known_true,
     listed_block_kinds,
+    lower_score_and_mask_mods,
     output_used,
     realize_captured,
     realize_fixed,
@@ -45,7 +46,6 @@ from .subgraphs import (
     MASK_MOD_PLACEHOLDERS,
     SCORE_MOD_PLACEHOLDERS,
     ModLoweringError,
-    build_mod_buffer,
     gathered_bytes_per_score,
     is_identity_score_mod,
 )
@@ -105,13 +105,10 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     score_mod_other_buffers = [realize_captured(b) for b in score_mod_other_buffers]
     mask_mod_other_buffers = [realize_captured(b) for b in mask_mod_other_buffers]
     has_score_mod = not is_identity_score_mod(score_mod)
-    approx_tanh = dtype in (torch.float16, torch.bfloat16) and options.flag("APPROX_TANH", True)
     try:
-        score_buffer = build_mod_buffer(
-            score_mod, SCORE_MOD_PLACEHOLDERS, (dtype,) + (torch.int32,) * 4,
-            score_mod_other_buffers, device, approx_tanh=approx_tanh)
-        mask_buffer = build_mod_buffer(
-            mask_mod, MASK_MOD_PLACEHOLDERS, (torch.int32,) * 4, mask_mod_other_buffers, device)
+        score_buffer, mask_buffer = lower_score_and_mask_mods(
+            score_mod, mask_mod, dtype, score_mod_other_buffers, mask_mod_other_buffers, device,
+            approximate_tanh(dtype, options))
     except ModLoweringError as error:
         raise Declined(f"a mod the kernel cannot inline: {error}") from None
 
@@ -167,7 +164,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         WARP_SPECIALIZE=options.flag("WARP_SPECIALIZE"),
         OUTPUT_LOGSUMEXP=output_used(1, options.flag("OUTPUT_LOGSUMEXP", True)),
         OUTPUT_MAX=output_max,
-        FLOAT32_PRECISION="'ieee'" if _compat.float32_matmul_is_ieee() else "'tf32'",
+        FLOAT32_PRECISION=float32_precision(),
     )
 
     # --- one choice per config -----------------------------------------------------------------
