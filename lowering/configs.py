@@ -265,8 +265,9 @@ GENERATIONS = (
 
 # For a capability no generation lists (a newer GPU, or a non-NVIDIA device that reports
 # one): the smallest tables and the 48 KB every CUDA GPU grants a program without opting
-# in; no TMA, no early dP, no TMA autotune candidates. Correct and slow beats fast tiles
-# that do not fit: add the GPU's generation above to get its speed.
+# in; no TMA (not in the defaults, the autotune set or the loads) and no early dP in the
+# defaults. Correct and slow beats fast tiles that do not fit: add the GPU's generation
+# above to get its speed.
 FALLBACK = Generation(
     "unknown GPU (conservative fallback)", capabilities=(),
     shared_memory=48 * 1024, tma_loads=False,
