@@ -191,11 +191,15 @@ def tma_compatible(node) -> bool:
 
 
 def tma_possible(capability, tensors) -> bool:
-    """Whether tiles of ``tensors`` may come through the TMA: Hopper or newer, a Triton with
-    on-device tensor descriptors, and layouts the TMA accepts."""
+    """Whether tiles of ``tensors`` may come through the TMA: a GPU generation whose config
+    table allows it (Hopper and newer parts in ``configs.GENERATIONS``; not a GPU missing
+    from the tables), a Triton with on-device tensor descriptors, and layouts the TMA
+    accepts."""
     from inductor_flex import _compat
 
-    return (capability >= (9, 0) and _compat.triton_has_tensor_descriptors()
+    from .configs import tma_loads_allowed
+
+    return (tma_loads_allowed(capability) and _compat.triton_has_tensor_descriptors()
             and all(tma_compatible(x) for x in tensors))
 
 

@@ -1,24 +1,45 @@
-"""Tile configurations for the fused forward kernel.
+"""Tile configurations for the fused forward and backward kernels: per-GPU tables and the
+one walker that reads them.
 
-A config is the launch shape of one kernel choice: the tile (``BLOCK_M`` query rows x
-``BLOCK_N`` keys per inner step), ``num_warps`` and ``num_stages`` (the software-pipelining
-depth of the K/V loads). Inductor compiles one choice per config and, when more than one
-survives, times them and keeps the fastest.
+A config is the launch shape of one kernel choice. ``ForwardConfig``: the tile
+(``BLOCK_M`` query rows x ``BLOCK_N`` keys per inner step), ``num_warps``, ``num_stages``
+(the software-pipelining depth of the K/V loads) and whether K/V come through the TMA.
+``BackwardConfig``: the dK/dV programs' and the dQ programs' tiles, warps, stages and the
+early dP order. Inductor compiles one choice per config and, when more than one survives,
+times them and keeps the fastest.
 
-- ``default_forward_config`` picks one config from the GPU generation (compute
-  capability), the dtype and the head dims; it is what an ordinary ``torch.compile`` uses.
-- ``autotune_forward_configs`` is the wider set tried under ``max_autotune``.
-- ``select_forward_configs`` applies the user's kernel options (``BLOCK_M``, ``BLOCK_N``,
-  ``num_warps``, ``num_stages``, each also with a ``fwd_`` prefix that takes precedence)
-  and drops configs whose tile does not divide the block mask's sparse block.
+The data (``GENERATIONS``): one ``Generation`` per GPU generation, naming its compute
+capabilities, the shared memory one program may use, whether tiles may come through the
+TMA, and two tables (half precision, float32) with a row per head-dim bound holding the
+forward and the backward default side by side; plus the candidate sets ``max_autotune``
+tries. A capability no generation lists gets ``FALLBACK``: the smallest tables, 48 KB of
+shared memory, no TMA (one debug-log line says so). To serve a new GPU, add a
+``Generation``.
+
+The walker and the functions the lowerings call:
+
+- ``generation_of`` and ``table_row`` find the generation and the row (head dims
+  round up to ``padded_head_dim``; the larger of the qk and v dims picks the row).
+- ``default_forward_config`` / ``default_backward_config``: the row's configs; what an
+  ordinary ``torch.compile`` uses.
+- ``autotune_forward_configs``: the wider forward set tried under ``max_autotune``.
+- ``select_forward_configs`` / ``select_backward_configs`` apply the user's kernel options
+  (``BLOCK_M``, ``BLOCK_N``, ``num_warps``, ``num_stages`` with a ``fwd_`` prefix that
+  takes precedence; ``BLOCK_M1``, ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``num_warps``,
+  ``num_stages`` with ``bwd_``), keep the default within shared memory and drop configs
+  whose tile does not divide the block mask's sparse block.
+- ``shared_memory_limit`` and ``tma_loads_allowed``: the generation's limits.
 
 Everything here is plain Python (no CUDA needed), so it is decided before launch and is
-unit-tested on the CPU.
+unit-tested on the CPU (``tests/test_configs.py``).
 """
+import logging
 from dataclasses import dataclass, replace
 from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
+
+log = logging.getLogger(__name__)
 
 # tl.dot needs at least 16 along every dimension.
 MIN_TILE = 16
@@ -34,6 +55,252 @@ class ForwardConfig:
     tma: bool = False
 
 
+@dataclass(frozen=True)
+class BackwardConfig:
+    """Launch shape of the backward kernel: dK/dV programs own ``block_n1`` keys and step
+    ``block_m1`` query rows at a time; dQ programs own ``block_m2`` rows and step
+    ``block_n2`` keys at a time."""
+    block_m1: int
+    block_n1: int
+    block_m2: int
+    block_n2: int
+    num_warps: int
+    num_stages: int
+    # On full blocks, issue dO v^T right after q k^T (before the exponentials); measured
+    # on H100 faster with the D=64 tiles, mixed at D=128 (docs/kernels.md, Configs).
+    early_dp: bool = False
+
+
+@dataclass(frozen=True)
+class HeadDimRow:
+    """The default configs for head dims up to ``max_head_dim`` (padded, the larger of the
+    qk and v dims); the last row of a table also takes anything larger."""
+    max_head_dim: int
+    forward: ForwardConfig
+    backward: BackwardConfig
+    # The forward when no block needs mask_mod (only full blocks are listed, e.g. no block
+    # mask), so the kernel has no masked loop; None: ``forward``.
+    forward_mask_free: Optional[ForwardConfig] = None
+
+
+@dataclass(frozen=True)
+class Generation:
+    """What one GPU generation runs: its defaults by dtype and head dim, its autotune sets
+    and its limits."""
+    name: str
+    capabilities: Tuple[Tuple[int, int], ...]
+    shared_memory: int  # bytes one program may use
+    tma_loads: bool     # tiles may come through the TMA (tensor descriptors)
+    half: Tuple[HeadDimRow, ...]     # float16 and bfloat16
+    float32: Tuple[HeadDimRow, ...]  # float32 (and any other dtype)
+    forward_autotune: Tuple[ForwardConfig, ...]
+    backward_autotune: Tuple[BackwardConfig, ...]
+
+
+# ---------------------------------------------------------------------------------------
+# The tables: head-dim rows, forward and backward side by side
+# ---------------------------------------------------------------------------------------
+
+# Measured on H100 (docs/kernels.md).
+# Forward: one warpgroup per tile, a shallow pipeline and TMA loads win at D=64 and D=128.
+# Without a masked loop at D=128, 64x128 with one stage (80 KB: two programs per SM, each
+# hiding the other's TMA latency) beat 128x64 by 4-5%; with masks it was mixed (packed
+# documents 3.6x slower).
+# Backward: square 64 tiles on one warpgroup. At D=128 two stages keep a program near
+# 96 KB of shared memory, so two run per SM and fill each other's exponential stalls (3-9%
+# over 128-key programs of two warpgroups, one per SM); dP early helped at D=64 only (at
+# D=128 it cost ALiBi 8%).
+HOPPER_HALF = (
+    HeadDimRow(64, forward=ForwardConfig(64, 128, 4, 2, tma=True),
+               backward=BackwardConfig(64, 64, 64, 64, 4, 3, early_dp=True)),
+    HeadDimRow(128, forward=ForwardConfig(128, 64, 4, 2, tma=True),
+               forward_mask_free=ForwardConfig(64, 128, 4, 1, tma=True),
+               backward=BackwardConfig(64, 64, 64, 64, 4, 2)),
+    HeadDimRow(256, forward=ForwardConfig(64, 64, 4, 2),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 1)),
+)
+
+# float32 on A100, Hopper and Blackwell (consumer Blackwell included, as the earlier
+# capability rules gave it).
+DATACENTER_FLOAT32 = (
+    HeadDimRow(64, forward=ForwardConfig(128, 32, 4, 3),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 2)),
+    HeadDimRow(128, forward=ForwardConfig(64, 32, 4, 3),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 1)),
+    HeadDimRow(256, forward=ForwardConfig(32, 32, 4, 2),
+               backward=BackwardConfig(16, 32, 32, 16, 4, 1)),
+)
+
+# The A100 keeps the two-warpgroup backward tile (the H100 sweep's winners were not
+# measured there) and the plain dP order.
+A100_HALF = (
+    HeadDimRow(64, forward=ForwardConfig(128, 64, 4, 3),
+               backward=BackwardConfig(64, 64, 64, 64, 4, 3)),
+    HeadDimRow(128, forward=ForwardConfig(128, 64, 8, 3),
+               backward=BackwardConfig(64, 128, 128, 64, 8, 2)),
+    HeadDimRow(256, forward=ForwardConfig(64, 32, 4, 2),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 1)),
+)
+
+# Consumer parts: about 100 KB of shared memory.
+CONSUMER_HALF = (
+    HeadDimRow(64, forward=ForwardConfig(128, 64, 4, 2),
+               backward=BackwardConfig(64, 64, 64, 64, 4, 2)),
+    HeadDimRow(128, forward=ForwardConfig(64, 64, 4, 2),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 2)),
+    HeadDimRow(256, forward=ForwardConfig(32, 32, 4, 2),
+               backward=BackwardConfig(16, 32, 32, 16, 4, 1)),
+)
+
+CONSUMER_FLOAT32 = (
+    HeadDimRow(64, forward=ForwardConfig(64, 32, 4, 2),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 2)),
+    HeadDimRow(128, forward=ForwardConfig(32, 32, 4, 2),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 1)),
+    HeadDimRow(256, forward=ForwardConfig(32, 16, 4, 1),
+               backward=BackwardConfig(16, 32, 32, 16, 4, 1)),
+)
+
+# Volta and Turing: the consumer forward tiles; the smallest backward tiles, one stage.
+PRE_AMPERE_HALF = (
+    HeadDimRow(64, forward=ForwardConfig(128, 64, 4, 2),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 1)),
+    HeadDimRow(128, forward=ForwardConfig(64, 64, 4, 2),
+               backward=BackwardConfig(16, 32, 32, 16, 4, 1)),
+    HeadDimRow(256, forward=ForwardConfig(32, 32, 4, 2),
+               backward=BackwardConfig(16, 32, 32, 16, 4, 1)),
+)
+
+PRE_AMPERE_FLOAT32 = (
+    HeadDimRow(64, forward=ForwardConfig(64, 32, 4, 2),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 1)),
+    HeadDimRow(128, forward=ForwardConfig(32, 32, 4, 2),
+               backward=BackwardConfig(16, 32, 32, 16, 4, 1)),
+    HeadDimRow(256, forward=ForwardConfig(32, 16, 4, 1),
+               backward=BackwardConfig(16, 32, 32, 16, 4, 1)),
+)
+
+# Consumer Blackwell (sm_120/121, about 100 KB, TMA, no wgmma): Hopper's forward tiles
+# and the consumer backward tiles, as the earlier capability rules gave them (not
+# measured on these parts).
+CONSUMER_BLACKWELL_HALF = (
+    HeadDimRow(64, forward=ForwardConfig(64, 128, 4, 2, tma=True),
+               backward=BackwardConfig(64, 64, 64, 64, 4, 2)),
+    HeadDimRow(128, forward=ForwardConfig(128, 64, 4, 2, tma=True),
+               forward_mask_free=ForwardConfig(64, 128, 4, 1, tma=True),
+               backward=BackwardConfig(32, 64, 64, 32, 4, 2)),
+    HeadDimRow(256, forward=ForwardConfig(64, 64, 4, 2),
+               backward=BackwardConfig(16, 32, 32, 16, 4, 1)),
+)
+
+# ---------------------------------------------------------------------------------------
+# The max-autotune candidate sets (each filtered by the generation's shared memory)
+# ---------------------------------------------------------------------------------------
+
+FORWARD_AUTOTUNE = (
+    ForwardConfig(128, 64, 4, 2, tma=True),
+    ForwardConfig(64, 128, 4, 1, tma=True),
+    ForwardConfig(128, 128, 4, 3, tma=True),
+    ForwardConfig(64, 128, 4, 3, tma=True),
+    ForwardConfig(128, 128, 8, 2, tma=True),
+    ForwardConfig(128, 128, 8, 2),
+    ForwardConfig(128, 128, 8, 3),
+    ForwardConfig(128, 64, 8, 3),
+    ForwardConfig(128, 64, 4, 3),
+    ForwardConfig(128, 128, 4, 2),
+    ForwardConfig(128, 32, 4, 3),
+    ForwardConfig(64, 128, 4, 3),
+    ForwardConfig(64, 64, 4, 3),
+    ForwardConfig(64, 32, 4, 3),
+    ForwardConfig(32, 32, 4, 2),
+)
+FORWARD_AUTOTUNE_WITHOUT_TMA = tuple(c for c in FORWARD_AUTOTUNE if not c.tma)
+
+BACKWARD_AUTOTUNE = (
+    BackwardConfig(64, 128, 128, 64, 8, 3),
+    BackwardConfig(64, 128, 128, 64, 8, 2),
+    BackwardConfig(32, 128, 128, 32, 4, 3),
+    BackwardConfig(64, 64, 64, 64, 4, 3),
+    BackwardConfig(64, 64, 64, 64, 4, 3, early_dp=True),
+    BackwardConfig(64, 64, 64, 64, 4, 2),
+    BackwardConfig(32, 64, 64, 32, 4, 3),
+    BackwardConfig(64, 128, 128, 64, 4, 2),
+    BackwardConfig(32, 32, 32, 32, 4, 1),
+)
+
+# ---------------------------------------------------------------------------------------
+# The generations
+# ---------------------------------------------------------------------------------------
+
+# Pre-Hopper generations keep the TMA candidates in their autotune set (as before): the
+# lowerings load without the TMA where ``tma_loads_allowed`` says no, so they compile as
+# plain loads.
+GENERATIONS = (
+    Generation("Volta / Turing", capabilities=((7, 0), (7, 2), (7, 5)),
+               shared_memory=48 * 1024, tma_loads=False,
+               half=PRE_AMPERE_HALF, float32=PRE_AMPERE_FLOAT32,
+               forward_autotune=FORWARD_AUTOTUNE, backward_autotune=BACKWARD_AUTOTUNE),
+    Generation("Ampere datacenter (A100)", capabilities=((8, 0),),
+               shared_memory=163 * 1024, tma_loads=False,
+               half=A100_HALF, float32=DATACENTER_FLOAT32,
+               forward_autotune=FORWARD_AUTOTUNE, backward_autotune=BACKWARD_AUTOTUNE),
+    Generation("Ampere / Ada consumer and embedded", capabilities=((8, 6), (8, 7), (8, 9)),
+               shared_memory=99 * 1024, tma_loads=False,
+               half=CONSUMER_HALF, float32=CONSUMER_FLOAT32,
+               forward_autotune=FORWARD_AUTOTUNE, backward_autotune=BACKWARD_AUTOTUNE),
+    Generation("Hopper (H100, H200)", capabilities=((9, 0),),
+               shared_memory=227 * 1024, tma_loads=True,
+               half=HOPPER_HALF, float32=DATACENTER_FLOAT32,
+               forward_autotune=FORWARD_AUTOTUNE, backward_autotune=BACKWARD_AUTOTUNE),
+    # Hopper's tables (not measured on Blackwell).
+    Generation("Blackwell datacenter (B200, B300)", capabilities=((10, 0), (10, 3)),
+               shared_memory=227 * 1024, tma_loads=True,
+               half=HOPPER_HALF, float32=DATACENTER_FLOAT32,
+               forward_autotune=FORWARD_AUTOTUNE, backward_autotune=BACKWARD_AUTOTUNE),
+    Generation("Blackwell consumer (RTX 50, DGX Spark)", capabilities=((12, 0), (12, 1)),
+               shared_memory=99 * 1024, tma_loads=True,
+               half=CONSUMER_BLACKWELL_HALF, float32=DATACENTER_FLOAT32,
+               forward_autotune=FORWARD_AUTOTUNE, backward_autotune=BACKWARD_AUTOTUNE),
+)
+
+# For a capability no generation lists (a newer GPU, or a non-NVIDIA device that reports
+# one): the smallest tables and the 48 KB every CUDA GPU grants a program without opting
+# in; no TMA (not in the defaults, the autotune set or the loads) and no early dP in the
+# defaults. Correct and slow beats fast tiles that do not fit: add the GPU's generation
+# above to get its speed.
+FALLBACK = Generation(
+    "unknown GPU (conservative fallback)", capabilities=(),
+    shared_memory=48 * 1024, tma_loads=False,
+    half=PRE_AMPERE_HALF, float32=PRE_AMPERE_FLOAT32,
+    forward_autotune=FORWARD_AUTOTUNE_WITHOUT_TMA, backward_autotune=BACKWARD_AUTOTUNE)
+
+_GENERATION_OF_CAPABILITY = {
+    capability: generation for generation in GENERATIONS for capability in generation.capabilities}
+assert len(_GENERATION_OF_CAPABILITY) == sum(len(g.capabilities) for g in GENERATIONS), \
+    "a capability listed by two generations"
+
+_UNKNOWN_CAPABILITIES_LOGGED = set()
+
+
+# ---------------------------------------------------------------------------------------
+# The walker
+# ---------------------------------------------------------------------------------------
+
+def generation_of(capability: Tuple[int, int]) -> Generation:
+    """The generation that lists this compute capability, else ``FALLBACK`` (with one
+    debug-log line per capability and process)."""
+    capability = tuple(capability)
+    generation = _GENERATION_OF_CAPABILITY.get(capability)
+    if generation is not None:
+        return generation
+    if capability not in _UNKNOWN_CAPABILITIES_LOGGED:
+        _UNKNOWN_CAPABILITIES_LOGGED.add(capability)
+        log.debug("inductor_flex: no config table for compute capability %s "
+                  "(lowering/configs.py, GENERATIONS); using the %s: %d KB of shared memory, "
+                  "no TMA", capability, FALLBACK.name, FALLBACK.shared_memory // 1024)
+    return FALLBACK
+
+
 def padded_head_dim(head_dim: int) -> int:
     """The head dim as the kernel tiles it: the next power of 2, at least 16."""
     return max(MIN_TILE, 1 << max(0, (int(head_dim) - 1).bit_length()))
@@ -43,15 +310,28 @@ def _is_half(dtype: torch.dtype) -> bool:
     return dtype in (torch.float16, torch.bfloat16)
 
 
+def table_row(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
+              v_head_dim: int) -> HeadDimRow:
+    """The row of this GPU's table for the dtype (half precision or not) and the head dims:
+    the first whose bound holds the larger padded head dim, else the last."""
+    generation = generation_of(capability)
+    table = generation.half if _is_half(dtype) else generation.float32
+    head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
+    for row in table:
+        if head_dim <= row.max_head_dim:
+            return row
+    return table[-1]
+
+
 def shared_memory_limit(capability: Tuple[int, int]) -> int:
     """Bytes of shared memory one program may use on this GPU generation."""
-    if capability in ((9, 0), (10, 0), (10, 3)):
-        return 227 * 1024
-    if capability == (8, 0):
-        return 163 * 1024
-    if capability[0] >= 8:
-        return 99 * 1024
-    return 48 * 1024
+    return generation_of(capability).shared_memory
+
+
+def tma_loads_allowed(capability: Tuple[int, int]) -> bool:
+    """Whether this GPU generation may load tiles through the TMA (Hopper and newer parts
+    in the tables; never on the fallback)."""
+    return generation_of(capability).tma_loads
 
 
 def staged_gathers(tile_scores: int, num_stages: int, gathered_bytes: int) -> int:
@@ -73,6 +353,10 @@ def estimated_shared_memory(config: ForwardConfig, dtype: torch.dtype, qk_head_d
             + staged_gathers(config.block_m * config.block_n, config.num_stages, gathered_bytes))
 
 
+# ---------------------------------------------------------------------------------------
+# The forward kernel
+# ---------------------------------------------------------------------------------------
+
 def default_forward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
                            v_head_dim: int, mask_free: bool = False) -> ForwardConfig:
     """One good config for this GPU, dtype and head dims (what plain torch.compile runs).
@@ -80,77 +364,18 @@ def default_forward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_h
     ``mask_free``: no block needs mask_mod (only full blocks are listed, e.g. no block
     mask), so the kernel has no masked loop.
     """
-    head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
-    half = _is_half(dtype)
-    if capability[0] >= 9:  # Hopper and newer (wgmma: 64-row warpgroup instructions).
-        # Measured on H100 (docs/kernels.md): one warpgroup per tile, a shallow pipeline
-        # and TMA loads win at D=64 and D=128. Without a masked loop at D=128, 64x128 with
-        # one stage (80 KB: two programs per SM, each hiding the other's TMA latency) beat
-        # 128x64 by 4-5%; with masks it was mixed (packed documents 3.6x slower).
-        if half:
-            if head_dim <= 64:
-                return ForwardConfig(64, 128, 4, 2, tma=True)
-            if head_dim <= 128:
-                if mask_free:
-                    return ForwardConfig(64, 128, 4, 1, tma=True)
-                return ForwardConfig(128, 64, 4, 2, tma=True)
-            return ForwardConfig(64, 64, 4, 2)
-        if head_dim <= 64:
-            return ForwardConfig(128, 32, 4, 3)
-        if head_dim <= 128:
-            return ForwardConfig(64, 32, 4, 3)
-        return ForwardConfig(32, 32, 4, 2)
-    if capability == (8, 0):
-        if half:
-            if head_dim <= 64:
-                return ForwardConfig(128, 64, 4, 3)
-            if head_dim <= 128:
-                return ForwardConfig(128, 64, 8, 3)
-            return ForwardConfig(64, 32, 4, 2)
-        if head_dim <= 64:
-            return ForwardConfig(128, 32, 4, 3)
-        if head_dim <= 128:
-            return ForwardConfig(64, 32, 4, 3)
-        return ForwardConfig(32, 32, 4, 2)
-    # Consumer parts and older generations: about 100 KB of shared memory.
-    if half:
-        if head_dim <= 64:
-            return ForwardConfig(128, 64, 4, 2)
-        if head_dim <= 128:
-            return ForwardConfig(64, 64, 4, 2)
-        return ForwardConfig(32, 32, 4, 2)
-    if head_dim <= 64:
-        return ForwardConfig(64, 32, 4, 2)
-    if head_dim <= 128:
-        return ForwardConfig(32, 32, 4, 2)
-    return ForwardConfig(32, 16, 4, 1)
-
-
-_AUTOTUNE_CANDIDATES = (
-    ForwardConfig(128, 64, 4, 2, tma=True),
-    ForwardConfig(64, 128, 4, 1, tma=True),
-    ForwardConfig(128, 128, 4, 3, tma=True),
-    ForwardConfig(64, 128, 4, 3, tma=True),
-    ForwardConfig(128, 128, 8, 2, tma=True),
-    ForwardConfig(128, 128, 8, 2),
-    ForwardConfig(128, 128, 8, 3),
-    ForwardConfig(128, 64, 8, 3),
-    ForwardConfig(128, 64, 4, 3),
-    ForwardConfig(128, 128, 4, 2),
-    ForwardConfig(128, 32, 4, 3),
-    ForwardConfig(64, 128, 4, 3),
-    ForwardConfig(64, 64, 4, 3),
-    ForwardConfig(64, 32, 4, 3),
-    ForwardConfig(32, 32, 4, 2),
-)
+    row = table_row(capability, dtype, qk_head_dim, v_head_dim)
+    if mask_free and row.forward_mask_free is not None:
+        return row.forward_mask_free
+    return row.forward
 
 
 def autotune_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
                              v_head_dim: int, mask_free: bool = False,
                              gathered_bytes: int = 0) -> list:
     """The configs tried under max_autotune: the default first (made shallower if the mods'
-    staged gathers need it), then every candidate whose staged tiles and gathers fit the
-    GPU's shared memory."""
+    staged gathers need it), then every candidate of the generation's set whose staged
+    tiles and gathers fit the GPU's shared memory."""
     limit = shared_memory_limit(capability)
 
     def estimate(config):
@@ -158,7 +383,7 @@ def autotune_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk
 
     default = default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free)
     configs = [fewer_stages_to_fit(default, estimate, limit)]
-    for config in _AUTOTUNE_CANDIDATES:
+    for config in generation_of(capability).forward_autotune:
         if config not in configs and estimate(config) <= limit:
             configs.append(config)
     return configs
@@ -298,22 +523,6 @@ def configs_summary(configs: Sequence[ForwardConfig]) -> str:
 # The backward kernel
 # ---------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class BackwardConfig:
-    """Launch shape of the backward kernel: dK/dV programs own ``block_n1`` keys and step
-    ``block_m1`` query rows at a time; dQ programs own ``block_m2`` rows and step
-    ``block_n2`` keys at a time."""
-    block_m1: int
-    block_n1: int
-    block_m2: int
-    block_n2: int
-    num_warps: int
-    num_stages: int
-    # On full blocks, issue dO v^T right after q k^T (before the exponentials); measured
-    # on H100 faster with the D=64 tiles, mixed at D=128 (docs/kernels.md, Configs).
-    early_dp: bool = False
-
-
 _BACKWARD_OPTION_FIELDS = {
     "BLOCK_M1": "block_m1",
     "BLOCK_N1": "block_n1",
@@ -326,55 +535,11 @@ _BACKWARD_OPTION_FIELDS = {
 
 def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
                             v_head_dim: int) -> BackwardConfig:
-    """One good backward config for this GPU, dtype and head dims.
+    """One good backward config for this GPU, dtype and head dims (the table row's).
 
     The dK/dV programs keep k, v and float32 dk, dv resident, so their key tile (BLOCK_N1)
     is the larger one and the query step (BLOCK_M1) small; dQ programs mirror that."""
-    head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
-    half = _is_half(dtype)
-    if half and shared_memory_limit(capability) >= 163 * 1024:  # A100, H100, B200
-        # Measured on H100 (docs/kernels.md): square 64 tiles on one warpgroup. At D=128
-        # two stages keep a program near 96 KB of shared memory, so two run per SM and
-        # fill each other's exponential stalls (3-9% over 128-key programs of two
-        # warpgroups, one per SM); dP early helped at D=64 only (at D=128 it cost ALiBi 8%).
-        # The A100 keeps the two-warpgroup tile.
-        hopper = capability[0] >= 9
-        if head_dim <= 64:
-            return BackwardConfig(64, 64, 64, 64, 4, 3, early_dp=hopper)
-        if head_dim <= 128:
-            if hopper:
-                return BackwardConfig(64, 64, 64, 64, 4, 2)
-            return BackwardConfig(64, 128, 128, 64, 8, 2)
-        return BackwardConfig(32, 64, 64, 32, 4, 1)
-    if half and capability[0] >= 8:
-        # Consumer parts: about 100 KB of shared memory.
-        if head_dim <= 64:
-            return BackwardConfig(64, 64, 64, 64, 4, 2)
-        if head_dim <= 128:
-            return BackwardConfig(32, 64, 64, 32, 4, 2)
-        return BackwardConfig(16, 32, 32, 16, 4, 1)
-    if capability[0] >= 8:
-        if head_dim <= 64:
-            return BackwardConfig(32, 64, 64, 32, 4, 2)
-        if head_dim <= 128:
-            return BackwardConfig(32, 64, 64, 32, 4, 1)
-        return BackwardConfig(16, 32, 32, 16, 4, 1)
-    if head_dim <= 64:
-        return BackwardConfig(32, 64, 64, 32, 4, 1)
-    return BackwardConfig(16, 32, 32, 16, 4, 1)
-
-
-_BACKWARD_CANDIDATES = (
-    BackwardConfig(64, 128, 128, 64, 8, 3),
-    BackwardConfig(64, 128, 128, 64, 8, 2),
-    BackwardConfig(32, 128, 128, 32, 4, 3),
-    BackwardConfig(64, 64, 64, 64, 4, 3),
-    BackwardConfig(64, 64, 64, 64, 4, 3, early_dp=True),
-    BackwardConfig(64, 64, 64, 64, 4, 2),
-    BackwardConfig(32, 64, 64, 32, 4, 3),
-    BackwardConfig(64, 128, 128, 64, 4, 2),
-    BackwardConfig(32, 32, 32, 32, 4, 1),
-)
+    return table_row(capability, dtype, qk_head_dim, v_head_dim).backward
 
 
 def estimated_backward_shared_memory(config: BackwardConfig, dtype: torch.dtype,
@@ -438,6 +603,7 @@ def select_backward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_
         default = fewer_stages_to_fit(default, estimate, limit)
     candidates = [default]
     if max_autotune:
-        candidates += [replace(c, **fixed) for c in _BACKWARD_CANDIDATES if estimate(c) <= limit]
+        candidates += [replace(c, **fixed) for c in generation_of(capability).backward_autotune
+                       if estimate(c) <= limit]
     return walkable_configs(candidates, _backward_tile_fits, _shrink_backward_to_fit,
                             sparse_q_block, sparse_kv_block)

@@ -1,9 +1,9 @@
 """Tests of the fused CUDA kernels (lowering/, templates/): forward, backward, layouts.
 
 They need a CUDA GPU: without one, every test that takes the ``device`` fixture is
-skipped. The device can be
-overridden with ``INDUCTOR_FLEX_GPU_TEST_DEVICE`` (default ``cuda``), e.g. to run them
-through Triton's CPU interpreter while developing the templates.
+skipped (the tile-config tests need none and live in tests/test_configs.py). The device
+can be overridden with ``INDUCTOR_FLEX_GPU_TEST_DEVICE`` (default ``cuda``), e.g. to run
+them through Triton's CPU interpreter while developing the templates.
 """
 import os
 

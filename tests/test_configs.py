@@ -1,11 +1,20 @@
-"""Tile-config selection for the forward and backward kernels (plain Python: runs without a GPU)."""
+"""Tile-config selection for the forward and backward kernels (lowering/configs.py): the
+per-generation tables, the walker, the fallback for a GPU missing from the tables, and the
+user's tile options. Plain Python: runs without a GPU."""
+import logging
+
 import pytest
 import torch
 
+from inductor_flex import _compat
+from inductor_flex.lowering import common
 from inductor_flex.lowering.configs import (
+    FALLBACK,
+    GENERATIONS,
     BackwardConfig,
     default_backward_config,
     estimated_backward_shared_memory,
+    generation_of,
     select_backward_configs,
     autotune_forward_configs,
     default_forward_config,
@@ -14,6 +23,7 @@ from inductor_flex.lowering.configs import (
     select_forward_configs,
     shared_memory_limit,
     tile_fits,
+    tma_loads_allowed,
 )
 
 HOPPER, AMPERE, ADA = (9, 0), (8, 0), (8, 9)
@@ -190,3 +200,73 @@ def test_user_num_stages_is_kept_with_gathered_tables():
     (config,) = select_forward_configs(HOPPER, torch.bfloat16, 128, 128, 128, 128,
                                        {"num_stages": 2}, max_autotune=False, gathered_bytes=24)
     assert config.num_stages == 2
+
+
+# ---------------------------------------------------------------------------------------
+# The tables and the fallback
+# ---------------------------------------------------------------------------------------
+
+SERVED = [(7, 0), (7, 2), (7, 5), (8, 0), (8, 6), (8, 7), (8, 9), (9, 0), (10, 0), (10, 3),
+          (12, 0), (12, 1)]
+DIMS = [(16, 16), (64, 64), (64, 32), (94, 94), (128, 128), (128, 64), (256, 256)]
+
+
+def test_every_served_capability_has_a_table():
+    assert sorted(c for g in GENERATIONS for c in g.capabilities) == SERVED
+    assert generation_of((9, 0)).name.startswith("Hopper")
+
+
+@pytest.mark.parametrize("generation", GENERATIONS + (FALLBACK,), ids=lambda g: g.name)
+def test_tables_are_well_formed(generation):
+    for table in (generation.half, generation.float32):
+        bounds = [row.max_head_dim for row in table]
+        assert bounds == sorted(bounds) and bounds[-1] == common.MAX_HEAD_DIM
+        for row in table:
+            configs = (row.forward, row.forward_mask_free or row.forward)
+            # TMA is asked for only where the generation may use it.
+            assert generation.tma_loads or not any(c.tma for c in configs)
+            assert all(tile_fits(c, 128, 128) for c in configs)
+    if generation is FALLBACK:
+        assert not generation.tma_loads and not any(c.tma for c in generation.forward_autotune)
+
+
+UNKNOWN = [(11, 0), (13, 0), (9, 4), (6, 1)]
+
+
+@pytest.mark.parametrize("capability", UNKNOWN)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dims", DIMS)
+def test_unknown_gpu_gets_the_conservative_fallback(capability, dtype, dims):
+    # Not Hopper's tiles (or TMA) for a GPU newer than the tables: the smallest tables.
+    assert generation_of(capability) is FALLBACK
+    assert shared_memory_limit(capability) == 48 * 1024 and not tma_loads_allowed(capability)
+    for mask_free in (False, True):
+        forward = default_forward_config(capability, dtype, *dims, mask_free=mask_free)
+        assert forward == default_forward_config((7, 5), dtype, *dims, mask_free=mask_free)
+        assert not forward.tma and forward.num_warps == 4
+        configs = select_forward_configs(capability, dtype, *dims, 128, 128, {},
+                                         max_autotune=True, mask_free=mask_free)
+        assert configs and not any(c.tma for c in configs)
+    backward = default_backward_config(capability, dtype, *dims)
+    assert backward == default_backward_config((7, 5), dtype, *dims)
+    assert not backward.early_dp and backward.num_warps == 4
+    assert not any(c.early_dp for c in select_backward_configs(
+        capability, dtype, *dims, 128, 128, {}, max_autotune=False))
+
+
+def test_unknown_gpu_never_loads_through_the_tma(monkeypatch):
+    # The gate both lowerings ask (the backward takes TMA from it, not from its config).
+    monkeypatch.setattr(_compat, "triton_has_tensor_descriptors", lambda: True)
+    assert common.tma_possible((9, 0), ()) and common.tma_possible((10, 0), ())
+    assert not any(common.tma_possible(c, ()) for c in UNKNOWN + [(8, 0), (8, 9)])
+
+
+def test_unknown_gpu_is_logged_once_at_debug_level(caplog):
+    capability = (99, 1)  # no other test asks for it: its one log line is this test's
+    with caplog.at_level(logging.DEBUG, logger="inductor_flex.lowering.configs"):
+        select_forward_configs(capability, torch.bfloat16, 64, 64, 128, 128, {}, max_autotune=True)
+        select_backward_configs(capability, torch.bfloat16, 64, 64, 128, 128, {}, max_autotune=True)
+        default_forward_config((9, 0), torch.bfloat16, 64, 64)
+    lines = [r for r in caplog.records if r.name == "inductor_flex.lowering.configs"]
+    assert len(lines) == 1 and lines[0].levelno == logging.DEBUG
+    assert "(99, 1)" in lines[0].getMessage() and "no TMA" in lines[0].getMessage()
