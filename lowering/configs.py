@@ -83,10 +83,11 @@ def default_forward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_h
     head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
     half = _is_half(dtype)
     if capability[0] >= 9:  # Hopper and newer (wgmma: 64-row warpgroup instructions).
-        # Measured on H100 (docs/kernels.md): one warpgroup per tile, a shallow pipeline
-        # and TMA loads win at D=64 and D=128. Without a masked loop at D=128, 64x128 with
-        # one stage (80 KB: two programs per SM, each hiding the other's TMA latency) beat
-        # 128x64 by 4-5%; with masks it was mixed (packed documents 3.6x slower).
+        # Measured on H100 (docs/measurements.md, Forward tiles): one warpgroup per tile, a
+        # shallow pipeline and TMA loads win at D=64 and D=128. Without a masked loop at
+        # D=128, 64x128 with one stage (80 KB: two programs per SM, each hiding the other's
+        # TMA latency) beat 128x64 by 4-5%; with masks it was mixed (packed documents 3.6x
+        # slower).
         if half:
             if head_dim <= 64:
                 return ForwardConfig(64, 128, 4, 2, tma=True)
@@ -310,7 +311,7 @@ class BackwardConfig:
     num_warps: int
     num_stages: int
     # On full blocks, issue dO v^T right after q k^T (before the exponentials); measured
-    # on H100 faster with the D=64 tiles, mixed at D=128 (docs/kernels.md, Configs).
+    # on H100 faster with the D=64 tiles, mixed at D=128 (docs/measurements.md, EARLY_DP).
     early_dp: bool = False
 
 
@@ -333,11 +334,11 @@ def default_backward_config(capability: Tuple[int, int], dtype: torch.dtype, qk_
     head_dim = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
     half = _is_half(dtype)
     if half and shared_memory_limit(capability) >= 163 * 1024:  # A100, H100, B200
-        # Measured on H100 (docs/kernels.md): square 64 tiles on one warpgroup. At D=128
-        # two stages keep a program near 96 KB of shared memory, so two run per SM and
-        # fill each other's exponential stalls (3-9% over 128-key programs of two
-        # warpgroups, one per SM); dP early helped at D=64 only (at D=128 it cost ALiBi 8%).
-        # The A100 keeps the two-warpgroup tile.
+        # Measured on H100 (docs/measurements.md, Backward tiles and D128 default): square
+        # 64 tiles on one warpgroup. At D=128 two stages keep a program near 96 KB of shared
+        # memory, so two run per SM and fill each other's exponential stalls (3-9% over
+        # 128-key programs of two warpgroups, one per SM); dP early helped at D=64 only (at
+        # D=128 it cost ALiBi 8%). The A100 keeps the two-warpgroup tile.
         hopper = capability[0] >= 9
         if head_dim <= 64:
             return BackwardConfig(64, 64, 64, 64, 4, 3, early_dp=hopper)
