@@ -5,8 +5,9 @@ programs and dQ programs, so each score costs 7 matrix products (the dQ programs
 recompute ``q k^T`` and ``dO v^T``) and dQ needs no float32 accumulator. FlashAttention-2/3
 and cuDNN instead add each key tile's share of dQ into a float32 buffer from the dK/dV
 programs: 5 products per score, plus the atomics and a float32 buffer of 4 bytes per dQ
-element. ``docs/kernels.md`` (the backward's Configs) explains why 5 products looked like the
-way past the power cap.
+element. ``docs/kernels.md`` (the backward's "What stays open") explains why 5 products
+looked like the way past the power cap; ``docs/measurements.md`` (2026-11-30, atomic dQ)
+has this script's results.
 
 This script answers the question with a hand-written one-pass kernel of that design (full
 or causal attention, no mods, bf16, head dim 128, the sequence a multiple of the tiles): per

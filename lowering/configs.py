@@ -67,7 +67,7 @@ class BackwardConfig:
     num_warps: int
     num_stages: int
     # On full blocks, issue dO v^T right after q k^T (before the exponentials); measured
-    # on H100 faster with the D=64 tiles, mixed at D=128 (docs/kernels.md, Configs).
+    # on H100 faster with the D=64 tiles, mixed at D=128 (docs/measurements.md, EARLY_DP).
     early_dp: bool = False
 
 
@@ -101,7 +101,7 @@ class Generation:
 # The tables: head-dim rows, forward and backward side by side
 # ---------------------------------------------------------------------------------------
 
-# Measured on H100 (docs/kernels.md).
+# Measured on H100 (docs/measurements.md: Forward tiles, Backward tiles, D128 default).
 # Forward: one warpgroup per tile, a shallow pipeline and TMA loads win at D=64 and D=128.
 # Without a masked loop at D=128, 64x128 with one stage (80 KB: two programs per SM, each
 # hiding the other's TMA latency) beat 128x64 by 4-5%; with masks it was mixed (packed

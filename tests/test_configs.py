@@ -48,7 +48,7 @@ def test_default_config_fits_the_gpu(capability, dtype, dims):
 def test_hopper_half_precision_uses_wide_tiles_and_tma():
     masked = default_forward_config(HOPPER, torch.bfloat16, 128, 128)
     assert (masked.block_m, masked.block_n, masked.num_stages, masked.tma) == (128, 64, 2, True)
-    # No masked loop at D=128: 64x128, one stage (measured faster on H100, docs/kernels.md).
+    # No masked loop at D=128: 64x128, one stage (measured faster on H100, docs/measurements.md).
     unmasked = default_forward_config(HOPPER, torch.bfloat16, 128, 128, mask_free=True)
     assert (unmasked.block_m, unmasked.block_n, unmasked.num_stages, unmasked.tma) == (64, 128, 1, True)
     assert default_forward_config(HOPPER, torch.bfloat16, 64, 64, mask_free=True) == \
@@ -126,7 +126,7 @@ def test_default_backward_config_fits_the_gpu(capability, dtype, dims):
 
 
 def test_backward_defaults_on_hopper():
-    # The H100 sweep's winners (docs/kernels.md).
+    # The H100 sweep's winners (docs/kernels.md, Configs; numbers in docs/measurements.md).
     assert default_backward_config(HOPPER, torch.bfloat16, 64, 64) == BackwardConfig(
         64, 64, 64, 64, 4, 3, early_dp=True)
     assert default_backward_config(HOPPER, torch.bfloat16, 128, 128) == BackwardConfig(
