@@ -82,6 +82,26 @@ def autotune_result_node(result):
     return result[0] if isinstance(result, tuple) else result
 
 
+def buffer_may_be_unaligned(name: str) -> bool:
+    """Whether Inductor cannot promise that buffer ``name`` starts 16-byte aligned (a graph
+    input whose example was unaligned, or memory it does not own). torch 2.13 answers with
+    ``triton_utils.is_unaligned_buffer_name``; 2.11 has only the TensorArg form, so the same
+    facts are read here, taking memory it does not own as unaligned."""
+    try:
+        from torch._inductor.codegen.triton_utils import is_unaligned_buffer_name
+    except ImportError:
+        from torch._inductor import ir
+        from torch._inductor.virtualized import V
+
+        if name in V.graph.unaligned_buffers:
+            return True
+        if name in V.graph.graph_inputs or name in V.graph.constants:
+            return False
+        buffer = V.graph.try_get_buffer(name)
+        return buffer is not None and isinstance(buffer.get_layout(), ir.NonOwningLayout)
+    return is_unaligned_buffer_name(name)
+
+
 def float32_matmul_is_ieee() -> bool:
     """Whether float32 matmuls must be exact float32 (no TF32), as cuBLAS would be."""
     precision = getattr(torch.backends.cuda.matmul, "fp32_precision", None)

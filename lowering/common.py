@@ -166,9 +166,9 @@ def base_pointer_aligned(node) -> bool:
     storage offset is not in its layout (it is inside the data pointer): Inductor records
     the inputs whose example was unaligned, and copies an unaligned input at run time when
     the example was aligned, so the record is the fact to go by."""
-    from torch._inductor.codegen.triton_utils import is_unaligned_buffer_name
+    from inductor_flex import _compat
 
-    return not is_unaligned_buffer_name(node.get_name())
+    return not _compat.buffer_may_be_unaligned(node.get_name())
 
 
 def tma_compatible(node) -> bool:
