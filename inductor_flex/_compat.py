@@ -135,3 +135,20 @@ def current_accelerator():
     if accelerator is None or not accelerator.is_available():
         return None
     return accelerator.current_accelerator()
+
+
+# --- Block masks made by PyTorch's own create_block_mask (inductor_flex/api.py) ----------
+# flex_attention accepts them by duck typing; their as_tuple() layout is the one thing
+# that differs between versions.
+
+
+def block_mask_tuple_in_2_13_layout(block_mask_tuple: tuple) -> tuple:
+    """A flattened ``BlockMask.as_tuple()`` of PyTorch's in 2.13's 17-item layout (lengths,
+    eight block lists, four dQ write-order entries, block sizes, mask_mod). In 2.11 it has
+    13 items, without the write-order entries (then None); told apart by length."""
+    items = tuple(block_mask_tuple)
+    if len(items) == 17:
+        return items
+    if len(items) == 13:
+        return items[:10] + (None, None, None, None) + items[10:]
+    raise ValueError(f"a block mask's as_tuple() has 13 or 17 items, got {len(items)}")

@@ -25,6 +25,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, TypedDict, Union
 import torch
 from torch import Tensor
 
+from . import _compat
 from ._mods import identity_score_mod
 from .block_mask import BlockMask, _DEFAULT_SPARSE_BLOCK_SIZE, noop_mask
 from .lowering.options import check_backend
@@ -168,13 +169,24 @@ def _validate_tensors(query, key, value, enable_gqa: bool) -> None:
             f"Hq={q_heads} and Hkv={kv_heads}.")
 
 
-def _validate_block_mask(block_mask, query: Tensor, key: Tensor) -> None:
-    if not isinstance(block_mask, BlockMask):
+def _as_our_block_mask(block_mask) -> BlockMask:
+    """``block_mask`` as our BlockMask. One made by PyTorch's own create_block_mask is
+    taken by duck typing (its ``as_tuple()`` fields, see _compat), so that code building
+    masks with torch can attend with us; torch's module is never imported."""
+    if isinstance(block_mask, BlockMask):
+        return block_mask
+    looks_like_a_block_mask = callable(getattr(block_mask, "as_tuple", None)) and all(
+        hasattr(block_mask, name) for name in ("BLOCK_SIZE", "seq_lengths", "mask_mod"))
+    if not looks_like_a_block_mask:
         raise ValueError(
-            f"flex_attention: block_mask must be an inductor_flex BlockMask (from "
-            f"inductor_flex.create_block_mask) or None, got {type(block_mask).__name__}")
+            f"flex_attention: block_mask must be a BlockMask (from create_block_mask, ours or "
+            f"PyTorch's) or None, got {type(block_mask).__name__}")
+    return BlockMask.from_tuple(_compat.block_mask_tuple_in_2_13_layout(block_mask.as_tuple()))
+
+
+def _validate_block_mask(block_mask: BlockMask, query: Tensor, key: Tensor) -> None:
     (q_len_mask, kv_len_mask, kv_num_blocks, kv_indices, *_rest,
-     q_block, kv_block, _mask_mod) = block_mask.as_tuple()
+     q_block, kv_block, _mask_mod) = block_mask.operator_tuple()
     batch, q_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     if q_len != q_len_mask or kv_len != kv_len_mask:
@@ -369,6 +381,7 @@ def flex_attention(
     if block_mask is None:
         block_mask = _full_block_mask(query.shape[2], key.shape[2], query.device)
     else:
+        block_mask = _as_our_block_mask(block_mask)
         _validate_block_mask(block_mask, query, key)
     if score_mod is None:
         score_mod = identity_score_mod
@@ -383,7 +396,7 @@ def flex_attention(
                                               or value.requires_grad)
     options = _kernel_options(kernel_options, want_lse or needs_grad, want_max)
 
-    block_mask_tuple = block_mask.as_tuple()
+    block_mask_tuple = block_mask.operator_tuple()
     if DEBUG_MODS and not torch.compiler.is_compiling():
         score_mod = _one_position_at_a_time(score_mod)
         block_mask_tuple = block_mask_tuple[:-1] + (_one_position_at_a_time(block_mask_tuple[-1]),)

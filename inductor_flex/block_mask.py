@@ -62,9 +62,9 @@ _BlockSize = Union[int, Tuple[int, int]]
 # --------------------------------------------------------------------------------------
 
 
-def noop_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+def noop_mask(batch: Tensor, head: Tensor, token_q: Tensor, token_kv: Tensor) -> Tensor:
     """The mask_mod that keeps every position (a scalar ``True``)."""
-    return b.new_ones((), dtype=torch.bool)
+    return batch.new_ones((), dtype=torch.bool)
 
 
 def _require_callables(combinator: str, mods: Sequence) -> None:
@@ -159,17 +159,18 @@ def _block_size_pair(function: str, BLOCK_SIZE) -> Tuple[int, int]:
     return pair
 
 
-def _positive_length(function: str, name: str, value) -> int:
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{function}: {name} must be a positive int, got {value!r}")
+# Zero sizes are accepted, as flex_attention accepts empty batches and sequences.
+def _length(function: str, name: str, value) -> int:
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{function}: {name} must be a non-negative int, got {value!r}")
     return value
 
 
 def _broadcast_size(function: str, name: str, value) -> int:
     if value is None:
         return 1
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"{function}: {name} must be None (broadcast) or a positive int, got {value!r}")
+    if not _is_int(value) or value < 0:
+        raise ValueError(f"{function}: {name} must be None (broadcast) or a non-negative int, got {value!r}")
     return value
 
 
@@ -245,11 +246,12 @@ def _transpose_ordered(num_blocks: Tensor, indices: Tensor) -> Tuple[Tensor, Ten
 # --------------------------------------------------------------------------------------
 
 
-def _sliced_query_blocks_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+def _sliced_mask_mod(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
     raise RuntimeError(
-        "This BlockMask was indexed along its query-block dimension, so its query positions no "
-        "longer match the original mask_mod. Assign a mask_mod built from the original mask, "
-        "shifted to the selected query positions, e.g. "
+        "This BlockMask was indexed along its query-block dimension (or with index tensors on "
+        "both its batch and head dimensions), so its positions no longer match the original "
+        "mask_mod. Assign a mask_mod built from the original mask, shifted to the selected "
+        "positions, e.g. "
         "sliced.mask_mod = lambda b, h, q, kv: original.mask_mod(b, h, q + offset, kv)."
     )
 
@@ -262,6 +264,15 @@ class BlockMask:
     ``full_kv_num_blocks``/``full_kv_indices`` (full ones, or None), their transposes
     ``q_num_blocks``/``q_indices``/``full_q_num_blocks``/``full_q_indices``,
     ``BLOCK_SIZE = (Q_BLOCK_SIZE, KV_BLOCK_SIZE)`` and ``mask_mod``.
+
+    Optional dQ write-order metadata, as PyTorch 2.13 carries it for a deterministic
+    block-sparse backward: ``dq_write_order`` / ``dq_write_order_full`` (shaped like
+    ``q_indices`` / ``full_q_indices``: for KV block n and its j-th listed query block m,
+    the rank of n among the KV blocks that contribute to m's dQ, in the schedule's order),
+    ``dq_kv_order`` (an explicit schedule tensor) or ``dq_kv_order_spt`` (built-in
+    schedule: False ascending KV blocks, True descending). It is metadata only: our
+    backward computes each query block's dQ in one program, in a fixed order, so it is
+    deterministic without it and does not read these fields.
 
     Build one with :func:`create_block_mask`, :func:`create_document_block_mask` or
     :meth:`from_kv_blocks`. The object is a plain holder of tensors, so ``torch.compile``
@@ -277,10 +288,15 @@ class BlockMask:
     q_indices: Optional[Tensor]
     full_q_num_blocks: Optional[Tensor]
     full_q_indices: Optional[Tensor]
+    dq_write_order: Optional[Tensor]
+    dq_write_order_full: Optional[Tensor]
+    dq_kv_order: Optional[Tensor]
+    dq_kv_order_spt: Optional[bool]
     BLOCK_SIZE: Tuple[int, int]
     mask_mod: _mask_mod_signature
 
-    _TENSOR_FIELDS = (
+    # The block lists, in the operator's order (docs/internals.md).
+    _BLOCK_LIST_FIELDS = (
         "kv_num_blocks",
         "kv_indices",
         "full_kv_num_blocks",
@@ -290,6 +306,8 @@ class BlockMask:
         "full_q_num_blocks",
         "full_q_indices",
     )
+    _DQ_METADATA_TENSOR_FIELDS = ("dq_write_order", "dq_write_order_full", "dq_kv_order")
+    _TENSOR_FIELDS = _BLOCK_LIST_FIELDS + _DQ_METADATA_TENSOR_FIELDS
 
     def __init__(
         self,
@@ -303,7 +321,12 @@ class BlockMask:
         full_q_num_blocks: Optional[Tensor],
         full_q_indices: Optional[Tensor],
         BLOCK_SIZE: _BlockSize = (_DEFAULT_SPARSE_BLOCK_SIZE, _DEFAULT_SPARSE_BLOCK_SIZE),
-        mask_mod: Optional[_mask_mod_signature] = None,
+        mask_mod: Optional[_mask_mod_signature] = noop_mask,
+        *,
+        dq_write_order: Optional[Tensor] = None,
+        dq_write_order_full: Optional[Tensor] = None,
+        dq_kv_order: Optional[Tensor] = None,
+        dq_kv_order_spt: Optional[bool] = None,
     ) -> None:
         if kv_num_blocks is None or kv_indices is None:
             raise ValueError("BlockMask: kv_num_blocks and kv_indices are required")
@@ -318,6 +341,8 @@ class BlockMask:
             raise ValueError("BlockMask: give both full_q_num_blocks and full_q_indices, or neither")
         if (q_num_blocks is None) != (q_indices is None):
             raise ValueError("BlockMask: give both q_num_blocks and q_indices, or neither")
+        if dq_write_order_full is not None and dq_write_order is None:
+            raise ValueError("BlockMask: dq_write_order_full needs dq_write_order")
         self.seq_lengths = tuple(seq_lengths)
         self.kv_num_blocks = kv_num_blocks
         self.kv_indices = kv_indices
@@ -327,6 +352,10 @@ class BlockMask:
         self.q_indices = q_indices
         self.full_q_num_blocks = full_q_num_blocks
         self.full_q_indices = full_q_indices
+        self.dq_write_order = dq_write_order
+        self.dq_write_order_full = dq_write_order_full
+        self.dq_kv_order = dq_kv_order
+        self.dq_kv_order_spt = dq_kv_order_spt
         self.BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE) if _is_int(BLOCK_SIZE) else tuple(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
 
@@ -341,11 +370,17 @@ class BlockMask:
         mask_mod: Optional[_mask_mod_signature] = None,
         seq_lengths: Optional[Tuple[int, int]] = None,
         compute_q_blocks: bool = True,
+        *,
+        dq_write_order: Optional[Tensor] = None,
+        dq_write_order_full: Optional[Tensor] = None,
+        dq_kv_order: Optional[Union[Tensor, bool]] = None,
     ) -> "BlockMask":
         """A BlockMask from its KV-side lists; the query-side transposes are derived.
 
         ``seq_lengths`` defaults to the block counts times the block sizes. The number of
-        KV blocks is ``kv_indices.shape[-1]``.
+        KV blocks is ``kv_indices.shape[-1]``. The dQ write-order metadata (see the class)
+        is stored as given: ``dq_kv_order`` is a schedule tensor or the built-in
+        schedule's bool.
         """
         if kv_indices.dim() < 2:
             raise RuntimeError(
@@ -389,12 +424,22 @@ class BlockMask:
             full_q_indices,
             BLOCK_SIZE=block_size,
             mask_mod=mask_mod,
+            dq_write_order=dq_write_order,
+            dq_write_order_full=dq_write_order_full,
+            dq_kv_order=dq_kv_order if isinstance(dq_kv_order, Tensor) else None,
+            dq_kv_order_spt=dq_kv_order if isinstance(dq_kv_order, bool) else None,
         )
 
-    def as_tuple(self, flatten: bool = True) -> tuple:
-        """The fields in the operator's order (docs/internals.md).
+    def _block_lists(self) -> Tuple[Optional[Tensor], ...]:
+        return tuple(getattr(self, field) for field in self._BLOCK_LIST_FIELDS)
 
-        ``flatten=False`` keeps ``seq_lengths`` and ``BLOCK_SIZE`` as pairs.
+    def as_tuple(self, flatten: bool = True) -> tuple:
+        """The fields in PyTorch 2.13's order: lengths, the eight block lists, the dQ
+        write-order metadata (``dq_write_order``, ``dq_write_order_full``, ``dq_kv_order``,
+        ``dq_kv_order_spt``), block sizes, ``mask_mod``.
+
+        ``flatten=False`` keeps ``seq_lengths`` and ``BLOCK_SIZE`` as pairs. The operator
+        takes :meth:`operator_tuple`, which leaves the metadata out.
         """
         if flatten:
             lengths = (self.seq_lengths[0], self.seq_lengths[1])
@@ -404,17 +449,29 @@ class BlockMask:
             block_size = (self.BLOCK_SIZE,)
         return (
             *lengths,
-            self.kv_num_blocks,
-            self.kv_indices,
-            self.full_kv_num_blocks,
-            self.full_kv_indices,
-            self.q_num_blocks,
-            self.q_indices,
-            self.full_q_num_blocks,
-            self.full_q_indices,
+            *self._block_lists(),
+            self.dq_write_order,
+            self.dq_write_order_full,
+            self.dq_kv_order,
+            self.dq_kv_order_spt,
             *block_size,
             self.mask_mod,
         )
+
+    @classmethod
+    def from_tuple(cls, items: Sequence) -> "BlockMask":
+        """The BlockMask whose flattened :meth:`as_tuple` is ``items``."""
+        q_len, kv_len, *block_lists = items[:10]
+        dq_write_order, dq_write_order_full, dq_kv_order, dq_kv_order_spt = items[10:14]
+        q_block, kv_block, mask_mod = items[14:]
+        return cls((q_len, kv_len), *block_lists, BLOCK_SIZE=(q_block, kv_block), mask_mod=mask_mod,
+                   dq_write_order=dq_write_order, dq_write_order_full=dq_write_order_full,
+                   dq_kv_order=dq_kv_order, dq_kv_order_spt=dq_kv_order_spt)
+
+    def operator_tuple(self) -> tuple:
+        """The 13-item block mask tuple the attention operators take (docs/internals.md):
+        lengths, the eight block lists, block sizes, ``mask_mod``."""
+        return (*self.seq_lengths, *self._block_lists(), *self.BLOCK_SIZE, self.mask_mod)
 
     @property
     def shape(self) -> Tuple[int, ...]:
@@ -448,83 +505,95 @@ class BlockMask:
             visible = visible | _ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, num_cols)
         return visible.to(torch.int32)
 
-    def _block_kinds(self, batch_index: Tuple[int, ...]) -> Tensor:
-        """int8 ``[n_q_blocks, n_kv_blocks]`` for one batch entry: 0 empty, 1 partial, 2 full."""
-        num_cols = self.kv_indices.shape[-1]
-        kinds = _ordered_to_dense(
-            self.kv_num_blocks[batch_index], self.kv_indices[batch_index], num_cols
-        ).to(torch.int8)
-        if self.full_kv_num_blocks is not None:
-            full = _ordered_to_dense(self.full_kv_num_blocks[batch_index], self.full_kv_indices[batch_index], num_cols)
-            kinds = torch.where(full, 2, kinds).to(torch.int8)
-        return kinds.cpu()
-
-    _PICTURE_CHARS = {0: "·", 1: "░", 2: "█"}
+    # Picture characters, as PyTorch draws them: a cell is filled when every block it
+    # covers is visible (partial or full alike), blank when none is, shaded otherwise.
+    _FILLED_CELL, _MIXED_CELL, _BLANK_CELL = "█", "░", " "
 
     def to_string(self, grid_size: Union[int, Tuple[int, int]] = (20, 20), limit: int = 4) -> str:
-        """A picture of the block layout: ``█`` full, ``░`` partial, ``·`` empty.
+        """A picture of which blocks are computed, one ``(b, h)`` entry after another, in
+        PyTorch's format: two ``█`` per visible block, two spaces per empty one.
 
-        One character pair stands for one block, or, when there are more blocks than
-        ``grid_size`` (rows, cols; -1 for no cap), for a rectangle of blocks: full when
-        all of them are full, empty when all are empty, partial otherwise. At most
-        ``limit`` batch entries are drawn.
+        When there are more blocks than ``grid_size`` (rows, cols; -1 for no cap), a cell
+        stands for a rectangle of blocks and is ``░`` when they are mixed. At most
+        ``limit`` batch entries are drawn; a note says how to see the others.
         """
-        if grid_size == -1:
-            max_rows = max_cols = None
-        elif _is_int(grid_size):
+        if _is_int(grid_size):
             max_rows = max_cols = grid_size
         else:
             max_rows, max_cols = grid_size
         *batch_dims, num_rows, num_cols = self.kv_indices.shape
-        row_step = 1 if not max_rows else max(1, _cdiv(num_rows, max_rows))
-        col_step = 1 if not max_cols else max(1, _cdiv(num_cols, max_cols))
-        lines = [f"{self._PICTURE_CHARS[2] * 2} full  {self._PICTURE_CHARS[1] * 2} partial  "
-                 f"{self._PICTURE_CHARS[0] * 2} empty"]
-        if row_step > 1 or col_step > 1:
-            lines.append(f"(each cell covers up to {row_step} x {col_step} blocks)")
-        entries = list(itertools.islice(itertools.product(*(range(n) for n in batch_dims)), limit + 1))
-        for count, batch_index in enumerate(entries):
+        # A cap of -1 (or 0) is no cap: one block per cell.
+        row_step = max(1, _cdiv(num_rows, max_rows)) if max_rows > 0 else 1
+        col_step = max(1, _cdiv(num_cols, max_cols)) if max_cols > 0 else 1
+        visible = self.to_dense().cpu()
+        pictures = []
+        for count, batch_index in enumerate(itertools.product(*(range(n) for n in batch_dims))):
             if count == limit:
-                total = math.prod(batch_dims)
-                lines.append(
-                    f"... {total - limit} more batch entries; call to_string(limit=N) or index "
-                    f"the mask (block_mask[b, h]) to see them"
-                )
+                pictures += [
+                    "...",
+                    "To print out more, set BlockMask.to_string(limit=N)",
+                    "You can also index (BlockMask[batch, head]) to choose a specific batch or head",
+                ]
                 break
-            lines.append(str(batch_index))
-            lines.extend(self._picture_rows(self._block_kinds(batch_index), row_step, col_step))
-        return "\n".join(lines)
+            rows = self._picture_rows(visible[batch_index], row_step, col_step)
+            pictures.append(f"{batch_index}\n" + "".join(row + "\n" for row in rows))
+        return "\n".join(pictures)
 
-    def _picture_rows(self, kinds: Tensor, row_step: int, col_step: int) -> List[str]:
-        num_rows, num_cols = kinds.shape
+    def _picture_rows(self, visible: Tensor, row_step: int, col_step: int) -> List[str]:
+        num_rows, num_cols = visible.shape
         cell_rows, cell_cols = _cdiv(num_rows, row_step), _cdiv(num_cols, col_step)
         padding = (0, cell_cols * col_step - num_cols, 0, cell_rows * row_step - num_rows)
-        # Pad with the value that cannot change each reduction.
-        lowest = F.pad(kinds, padding, value=2).view(cell_rows, row_step, cell_cols, col_step).amin((1, 3))
-        highest = F.pad(kinds, padding, value=0).view(cell_rows, row_step, cell_cols, col_step).amax((1, 3))
-        cell = torch.where(lowest == 2, 2, torch.where(highest == 0, 0, 1))
-        return ["".join(self._PICTURE_CHARS[v] * 2 for v in row) for row in cell.tolist()]
+        # Pad with the value that cannot change each reduction, so a ragged last cell
+        # summarises only the blocks it covers.
+        every = F.pad(visible, padding, value=1).view(cell_rows, row_step, cell_cols, col_step).amin((1, 3))
+        some = F.pad(visible, padding, value=0).view(cell_rows, row_step, cell_cols, col_step).amax((1, 3))
+        return [
+            "".join(2 * (self._FILLED_CELL if e else self._MIXED_CELL if s else self._BLANK_CELL)
+                    for e, s in zip(every_row, some_row))
+            for every_row, some_row in zip(every.tolist(), some.tolist())
+        ]
+
+    def __str__(self) -> str:
+        return (f"BlockMask(shape={self.shape}, sparsity={self.sparsity():.2f}%, \n"
+                f"{self.to_string().strip()}\n)")
 
     def __repr__(self) -> str:
-        header = (
-            f"BlockMask(shape={self.shape}, BLOCK_SIZE={tuple(self.BLOCK_SIZE)}, "
-            f"sparsity={self.sparsity():.2f}%, mask_mod={_mod_name(self.mask_mod)}"
+        def shape_of(field: str):
+            tensor = getattr(self, field)
+            return None if tensor is None else tensor.shape
+
+        fields = "".join(f"    {field}={shape_of(field)},\n" for field in self._BLOCK_LIST_FIELDS)
+        return (
+            f"BlockMask(\n{fields}"
+            f"    BLOCK_SIZE={self.BLOCK_SIZE},\n"
+            f"    shape={self.shape},\n"
+            f"    sparsity={self.sparsity():.2f}%,\n"
+            f"    mask_mod={getattr(self.mask_mod, '__name__', self.mask_mod)}\n"
+            f")"
         )
-        return header + "\n" + self.to_string() + "\n)"
 
     def __getitem__(self, index) -> "BlockMask":
-        """Select batch, head and (optionally) query-block entries.
+        """Select batch, head and query-block entries, as PyTorch does: the index applies to
+        the leading three dims of the KV-side lists with tensor-indexing semantics (slices,
+        lists, integer or bool tensors of any shape), except that an int keeps its dim
+        (size 1). The decoding pattern ``block_mask[:, :, input_pos // Q_BLOCK_SIZE]`` with
+        ``input_pos`` of shape ``[B, 1]`` thus gives lists of shape ``[B, H, B, 1, ...]``.
 
-        Accepts up to three indices (ints, slices, 1-D integer tensors or lists); an int
-        keeps its dimension (size 1), so every field stays 4-d like the original. When only
-        the batch / head dims are indexed, ``mask_mod`` is rewrapped so it keeps seeing the
-        original batch / head indices; indexing the query blocks resets it to a mod that
-        raises, since the query positions moved (assign a shifted one).
+        When only the batch / head dims are indexed (and the result is still
+        ``[B', H', n_q_blocks]``), ``mask_mod`` is rewrapped so it keeps seeing the original
+        batch / head indices; otherwise it is reset to a mod that raises, since the
+        positions moved (assign a shifted one). Write-order metadata is recomputed for the
+        selection.
         """
         if self.kv_num_blocks.dim() != 3:
             raise IndexError(
                 f"BlockMask indexing needs the [B, H, n_q_blocks] layout, got kv_num_blocks of "
                 f"shape {tuple(self.kv_num_blocks.shape)}"
+            )
+        if self.dq_kv_order is not None:
+            raise NotImplementedError(
+                "BlockMask indexing cannot carry an explicit dq_kv_order schedule tensor over to "
+                "the selection; build the selected mask with from_kv_blocks and its own metadata"
             )
         index = index if isinstance(index, tuple) else (index,)
         if len(index) > 3:
@@ -533,68 +602,114 @@ class BlockMask:
                 f"got {len(index)} indices"
             )
         sizes = tuple(self.kv_num_blocks.shape)
-        selections = [_dim_selection(i, n, dim) for dim, (i, n) in enumerate(zip(index, sizes))]
-        selections += [None] * (3 - len(selections))
+        index = tuple(_dim_index(i, n, dim) for dim, (i, n) in enumerate(zip(index, sizes)))
+        index += (slice(None),) * (3 - len(index))
 
         def select(tensor: Optional[Tensor]) -> Optional[Tensor]:
-            if tensor is None:
-                return None
-            for dim, chosen in enumerate(selections):
-                if chosen is not None:
-                    tensor = tensor.index_select(dim, chosen.to(tensor.device))
-            return tensor.contiguous()
+            return None if tensor is None else tensor[index].contiguous()
 
-        if selections[2] is not None:
-            mask_mod = _sliced_query_blocks_mask_mod
-        else:
-            # Broadcast dims (size 1) pass the caller's indices through unchanged.
-            batch_map = selections[0] if sizes[0] > 1 else None
-            head_map = selections[1] if sizes[1] > 1 else None
-            mask_mod = _remap_batch_head(self.mask_mod, batch_map, head_map, self.kv_num_blocks.device)
-        return BlockMask.from_kv_blocks(
+        selected = BlockMask.from_kv_blocks(
             select(self.kv_num_blocks),
             select(self.kv_indices),
             select(self.full_kv_num_blocks),
             select(self.full_kv_indices),
             BLOCK_SIZE=self.BLOCK_SIZE,
-            mask_mod=mask_mod,
+            mask_mod=self._selected_mask_mod(index),
             seq_lengths=self.seq_lengths,
             compute_q_blocks=self.q_indices is not None,
         )
+        return self._with_dq_metadata_of(selected)
+
+    def _selected_mask_mod(self, index: Tuple) -> Callable:
+        """The mask_mod of ``self[index]`` (``index`` normalised to three entries)."""
+        if not _selects_all(index[2]):
+            return _sliced_mask_mod
+        batch_heads = self.kv_num_blocks.shape[:2]
+        maps = [torch.arange(n)[i.cpu() if isinstance(i, Tensor) else i] for n, i in zip(batch_heads, index[:2])]
+        tensor_indices = sum(isinstance(i, (Tensor, list)) for i in index[:2])
+        if tensor_indices > 1 or any(m.dim() != 1 for m in maps):
+            # Index tensors on both dims combine into new dims: no per-dim map exists.
+            return _sliced_mask_mod
+        # Broadcast dims (size 1) pass the caller's indices through unchanged.
+        batch_map, head_map = (None if n == 1 or _selects_all(i) else m
+                               for n, i, m in zip(batch_heads, index[:2], maps))
+        return _remap_batch_head(self.mask_mod, batch_map, head_map, self.kv_num_blocks.device)
+
+    def _with_dq_metadata_of(self, derived: "BlockMask") -> "BlockMask":
+        """``derived`` (a selection or crop of this mask) with this mask's write-order
+        schedule, and its write order recomputed where this mask has one."""
+        derived.dq_kv_order_spt = self.dq_kv_order_spt
+        if self.dq_write_order is not None:
+            derived.dq_write_order, derived.dq_write_order_full = _dq_write_order(
+                derived, descending=bool(self.dq_kv_order_spt)
+            )
+        return derived
+
+    def _adjust(self, new_q_len: int, new_kv_len: int) -> "BlockMask":
+        """This mask cropped to its upper-left ``new_q_len x new_kv_len`` corner, with the
+        same ``mask_mod`` (what flex_attention suggests for a mask built for longer
+        sequences; right when the pattern does not depend on the lengths, as causal).
+
+        Unlike PyTorch, the crop is exact for any listed order, and growing is refused: our
+        ragged last blocks may be full over their existing positions only.
+        """
+        if self.dq_kv_order is not None:
+            raise NotImplementedError(
+                "BlockMask._adjust cannot carry an explicit dq_kv_order schedule tensor over; "
+                "build the cropped mask with from_kv_blocks and its own metadata"
+            )
+        q_len, kv_len = self.seq_lengths
+        if not (0 <= new_q_len <= q_len and 0 <= new_kv_len <= kv_len):
+            raise ValueError(
+                f"BlockMask._adjust crops a mask: the new lengths ({new_q_len}, {new_kv_len}) must lie "
+                f"within its lengths ({q_len}, {kv_len}); create a new block mask for longer sequences"
+            )
+        rows, cols = _cdiv(new_q_len, self.BLOCK_SIZE[0]), _cdiv(new_kv_len, self.BLOCK_SIZE[1])
+
+        def crop(num_blocks: Optional[Tensor], indices: Optional[Tensor]):
+            if num_blocks is None:
+                return None, None
+            dense = _ordered_to_dense(num_blocks, indices, indices.shape[-1])
+            return _dense_to_ordered(dense[..., :rows, :cols])
+
+        cropped = BlockMask.from_kv_blocks(
+            *crop(self.kv_num_blocks, self.kv_indices),
+            *crop(self.full_kv_num_blocks, self.full_kv_indices),
+            BLOCK_SIZE=self.BLOCK_SIZE,
+            mask_mod=self.mask_mod,
+            seq_lengths=(new_q_len, new_kv_len),
+            compute_q_blocks=self.q_indices is not None,
+        )
+        return self._with_dq_metadata_of(cropped)
 
     def to(self, device: Union[torch.device, str]) -> "BlockMask":
         """A BlockMask whose tensors live on ``device`` (this one is left unchanged)."""
-        moved = [None if t is None else t.to(device) for t in (getattr(self, f) for f in self._TENSOR_FIELDS)]
-        return BlockMask(self.seq_lengths, *moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod)
+        moved = {field: None if getattr(self, field) is None else getattr(self, field).to(device)
+                 for field in self._TENSOR_FIELDS}
+        return BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
+                         dq_kv_order_spt=self.dq_kv_order_spt)
 
 
-def _dim_selection(index, size: int, dim: int) -> Optional[Tensor]:
-    """The chosen positions along one dim as an int64 tensor, or None for "all"."""
+def _selects_all(index) -> bool:
+    return isinstance(index, slice) and index == slice(None)
+
+
+def _dim_index(index, size: int, dim: int):
+    """One dim's index as tensor indexing takes it, an int turned into a one-long slice."""
     names = ("batch", "head", "query-block")
     if _is_int(index):
         if not -size <= index < size:
             raise IndexError(f"BlockMask {names[dim]} index {index} is out of range for size {size}")
-        return torch.tensor([index % size])
-    if isinstance(index, slice):
-        if index == slice(None):
-            return None
-        return torch.arange(size)[index]
-    if isinstance(index, (list, tuple)):
-        index = torch.tensor(index, dtype=torch.int64)
-    if isinstance(index, Tensor):
-        if index.dtype == torch.bool:
-            if index.shape != (size,):
-                raise IndexError(f"BlockMask boolean {names[dim]} index must have shape ({size},)")
-            return index.cpu().nonzero().flatten()
-        if index.dtype.is_floating_point or index.dim() > 1:
-            raise IndexError(f"BlockMask {names[dim]} index tensor must be 1-D integer, got {index.dtype} "
-                             f"of shape {tuple(index.shape)}")
-        chosen = index.reshape(-1).to(torch.int64).cpu()
-        if chosen.numel() and not bool(((chosen >= -size) & (chosen < size)).all()):
-            raise IndexError(f"BlockMask {names[dim]} index out of range for size {size}")
-        return chosen % size
+        return slice(index % size, index % size + 1)
+    if isinstance(index, tuple):
+        return list(index)
+    if isinstance(index, (slice, list)):
+        return index
+    if isinstance(index, Tensor) and not index.dtype.is_floating_point and not index.is_complex():
+        return index
     raise IndexError(
-        f"BlockMask {names[dim]} index must be an int, slice, list or tensor, got {type(index).__name__}"
+        f"BlockMask {names[dim]} index must be an int, slice, list or integer / bool tensor, "
+        f"got {type(index).__name__}"
     )
 
 
@@ -621,24 +736,27 @@ def _remap_batch_head(mask_mod: Callable, batch_map: Optional[Tensor], head_map:
 
 # Registered as a pytree node so that tree utilities (and tracing entry points that
 # flatten their inputs) see the tensors inside; the static part (lengths, block sizes,
-# mask_mod and which optional fields are absent) is the context.
+# mask_mod, the write-order schedule's bool and which optional fields are absent) is the
+# context.
 def _flatten_block_mask(block_mask: BlockMask):
     present = tuple(f for f in BlockMask._TENSOR_FIELDS if getattr(block_mask, f) is not None)
     children = [getattr(block_mask, f) for f in present]
-    context = (tuple(block_mask.seq_lengths), tuple(block_mask.BLOCK_SIZE), block_mask.mask_mod, present)
+    context = (tuple(block_mask.seq_lengths), tuple(block_mask.BLOCK_SIZE), block_mask.mask_mod,
+               block_mask.dq_kv_order_spt, present)
     return children, context
 
 
 def _flatten_block_mask_with_keys(block_mask: BlockMask):
     children, context = _flatten_block_mask(block_mask)
-    return [(pytree.GetAttrKey(f), c) for f, c in zip(context[3], children)], context
+    return [(pytree.GetAttrKey(f), c) for f, c in zip(context[-1], children)], context
 
 
 def _unflatten_block_mask(children, context) -> BlockMask:
-    seq_lengths, block_size, mask_mod, present = context
+    seq_lengths, block_size, mask_mod, dq_kv_order_spt, present = context
     fields = dict.fromkeys(BlockMask._TENSOR_FIELDS)
     fields.update(zip(present, children))
-    return BlockMask(seq_lengths, **fields, BLOCK_SIZE=block_size, mask_mod=mask_mod)
+    return BlockMask(seq_lengths, **fields, BLOCK_SIZE=block_size, mask_mod=mask_mod,
+                     dq_kv_order_spt=dq_kv_order_spt)
 
 
 pytree.register_pytree_node(
@@ -688,11 +806,13 @@ def create_mask(
         )
     B = _broadcast_size(fn, "B", B)
     H = _broadcast_size(fn, "H", H)
-    Q_LEN = _positive_length(fn, "Q_LEN", Q_LEN)
-    KV_LEN = _positive_length(fn, "KV_LEN", KV_LEN)
+    Q_LEN = _length(fn, "Q_LEN", Q_LEN)
+    KV_LEN = _length(fn, "KV_LEN", KV_LEN)
     device = _usable_device(fn, device)
     b, h, kv = (torch.arange(n, device=device) for n in (B, H, KV_LEN))
     mask = torch.empty(B, H, Q_LEN, KV_LEN, dtype=torch.bool, device=device)
+    if mask.numel() == 0:
+        return mask
     for start, stop in _row_slabs(Q_LEN, _SLAB_ELEMENT_BUDGET // (B * H * KV_LEN), 1):
         q = torch.arange(start, stop, device=device)
         if arity == 5:
@@ -783,17 +903,28 @@ def create_block_mask(
     device: Union[str, torch.device, None] = None,
     BLOCK_SIZE: _BlockSize = _DEFAULT_SPARSE_BLOCK_SIZE,
     _compile: bool = False,
+    separate_full_blocks: bool = True,
+    compute_dq_write_order: bool = False,
+    dq_kv_order: bool = True,
 ) -> BlockMask:
-    """The BlockMask of ``mask_mod`` over ``[B, H, Q_LEN, KV_LEN]`` (None: a broadcast dim).
+    """The BlockMask of ``mask_mod`` over ``[B, H, Q_LEN, KV_LEN]`` (None: a broadcast dim;
+    zero sizes give an empty mask, as flex_attention accepts them).
 
     Every block is classified exactly: full when each of its existing pairs is visible
     (positions past Q_LEN / KV_LEN in a ragged last block do not count), partial when some
-    are, empty otherwise. ``mask_mod`` is evaluated over a slab of query rows at a time,
+    are, empty otherwise. ``separate_full_blocks=False`` lists every non-empty block as
+    partial (the full_* fields are None), so the kernels evaluate ``mask_mod`` everywhere.
+    ``mask_mod`` is evaluated over a slab of query rows at a time,
     so memory beyond the result is O(slab rows x KV_LEN), never Q_LEN x KV_LEN. Called
     inside a compiled function it is traced as whole-grid tensor ops instead, so lengths
     stay symbolic and Inductor fuses the evaluation into the block reduction.
     ``_compile`` is accepted for signature compatibility and has no effect: compiling the
     slab evaluation was measured slower than this eager path on CPU.
+
+    ``compute_dq_write_order=True`` also stores PyTorch's dQ write-order metadata
+    (``dq_write_order``, ``dq_write_order_full``, ``dq_kv_order_spt = dq_kv_order``; the
+    bool ``dq_kv_order`` picks the KV schedule: False ascending, True descending). Our
+    backward does not read it: it is deterministic without it (see :class:`BlockMask`).
     """
     fn = "create_block_mask"
     if not callable(mask_mod):
@@ -806,10 +937,13 @@ def create_block_mask(
             f"{fn}: mask_mod must take 4 arguments (b, h, q_idx, kv_idx); "
             f"{_mod_name(mask_mod)} takes {arity}{hint}"
         )
+    if not isinstance(dq_kv_order, bool):
+        raise ValueError(f"{fn}: dq_kv_order must be a bool (False: ascending KV blocks, True: "
+                         f"descending), got {type(dq_kv_order).__name__}")
     B = _broadcast_size(fn, "B", B)
     H = _broadcast_size(fn, "H", H)
-    Q_LEN = _positive_length(fn, "Q_LEN", Q_LEN)
-    KV_LEN = _positive_length(fn, "KV_LEN", KV_LEN)
+    Q_LEN = _length(fn, "Q_LEN", Q_LEN)
+    KV_LEN = _length(fn, "KV_LEN", KV_LEN)
     q_block, kv_block = _block_size_pair(fn, BLOCK_SIZE)
     device = _usable_device(fn, device)
     if torch.compiler.is_compiling():
@@ -817,10 +951,29 @@ def create_block_mask(
         # over slabs would be unrolled and pin the lengths, so express the whole grid as
         # tensor ops with symbolic sizes; Inductor fuses the evaluation into the reduction.
         any_visible, all_visible = _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
-        return _block_mask_from_dense_blocks(
-            any_visible & ~all_visible, all_visible, (B, H), (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod
-        )
+    elif 0 in (B, H, Q_LEN, KV_LEN):
+        # Nothing to evaluate: no entries, or no positions on one side.
+        any_visible = torch.zeros(B, H, _cdiv(Q_LEN, q_block), _cdiv(KV_LEN, kv_block), dtype=torch.bool,
+                                  device=device)
+        all_visible = any_visible
+    else:
+        any_visible, all_visible = _classify_in_slabs(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
 
+    if separate_full_blocks:
+        partial, full = any_visible & ~all_visible, all_visible
+    else:
+        partial, full = any_visible, None
+    block_mask = _block_mask_from_dense_blocks(partial, full, (B, H), (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod)
+    if compute_dq_write_order:
+        block_mask.dq_write_order, block_mask.dq_write_order_full = _dq_write_order(block_mask, dq_kv_order)
+        block_mask.dq_kv_order_spt = dq_kv_order
+    return block_mask
+
+
+def _classify_in_slabs(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_block: int, kv_block: int,
+                       device: torch.device) -> Tuple[Tensor, Tensor]:
+    """(some visible, all visible) per block ``[b, h, n_q, n_kv]``, evaluating ``mask_mod``
+    one slab of query rows at a time; b / h are 1 where the mask does not vary."""
     by_batch, by_head = _dependent_dims(mask_mod, B, H, device)
     batch = torch.arange(B if by_batch else 1, device=device)
     head = torch.arange(H if by_head else 1, device=device)
@@ -847,11 +1000,7 @@ def create_block_mask(
             rows = slice(start // q_block, _cdiv(stop, q_block))
             any_visible[batch_part, head_part, rows] = block_any
             all_visible[batch_part, head_part, rows] = block_all
-
-    partial = any_visible & ~all_visible
-    return _block_mask_from_dense_blocks(
-        partial, all_visible, (B, H), (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod
-    )
+    return any_visible, all_visible
 
 
 def _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block: int, kv_block: int,
@@ -870,22 +1019,62 @@ def _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block: int, kv_block: 
 
 def _block_mask_from_dense_blocks(
     partial: Tensor,
-    full: Tensor,
+    full: Optional[Tensor],
     batch_sizes: Tuple[int, int],
     seq_lengths: Tuple[int, int],
     block_size: Tuple[int, int],
     mask_mod: Callable,
 ) -> BlockMask:
-    """A BlockMask from bool block matrices ``[b, h, n_q, n_kv]``, whose batch / head dims
-    may be 1 where the mask does not vary; those are broadcast to ``batch_sizes`` after
-    the (cheaper) ordering."""
-    lists = []
-    for dense in (partial, full, partial.transpose(-2, -1), full.transpose(-2, -1)):
+    """A BlockMask from bool block matrices ``[b, h, n_q, n_kv]`` (``full`` None: no full
+    blocks), whose batch / head dims may be 1 where the mask does not vary; those are
+    broadcast to ``batch_sizes`` after the (cheaper) ordering."""
+
+    def ordered(dense: Optional[Tensor]) -> List[Optional[Tensor]]:
+        if dense is None:
+            return [None, None]
         num_blocks, indices = _dense_to_ordered(dense)
         target = batch_sizes + tuple(dense.shape[2:])
-        lists.append(num_blocks.expand(target[:-1]).contiguous())
-        lists.append(indices.expand(target).contiguous())
+        return [num_blocks.expand(target[:-1]).contiguous(), indices.expand(target).contiguous()]
+
+    transposed_full = None if full is None else full.transpose(-2, -1)
+    lists = [*ordered(partial), *ordered(full), *ordered(partial.transpose(-2, -1)), *ordered(transposed_full)]
     return BlockMask(seq_lengths, *lists, BLOCK_SIZE=block_size, mask_mod=mask_mod)
+
+
+def _dq_write_order(block_mask: BlockMask, descending: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """PyTorch's dQ write-order metadata of ``block_mask``: (for ``q_indices``, for
+    ``full_q_indices`` or None), int32 ``[B, H, n_kv_blocks, n_q_blocks]``.
+
+    Entry ``[b, h, n, j]`` is the rank of KV block n among the KV blocks (partial or full)
+    of query block ``m = q_indices[b, h, n, j]``, counted in increasing KV order, or in
+    decreasing order when ``descending``: the turn at which n adds its part to m's dQ in a
+    deterministic schedule. Slots past ``q_num_blocks`` hold the same formula applied to
+    whatever index they hold (clamped into range).
+    """
+    if block_mask.q_indices is None:
+        raise ValueError("dQ write order needs the query-side lists (q_num_blocks / q_indices)")
+    lists = [t for t in (block_mask.kv_indices, block_mask.full_kv_indices, block_mask.q_indices,
+                         block_mask.full_q_indices) if t is not None]
+    batch_heads = torch.broadcast_shapes(*(t.shape[:2] for t in lists))
+    num_q_blocks, num_kv_blocks = block_mask.kv_indices.shape[-2], block_mask.q_indices.shape[-2]
+    visible = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, num_kv_blocks)
+    if block_mask.full_kv_num_blocks is not None:
+        visible = visible | _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
+                                              num_kv_blocks)
+    visible = visible.to(torch.int32)
+    # Visible KV blocks before each one, per query block (row).
+    earlier = visible.cumsum(-1, dtype=torch.int32) - visible
+    rank = visible.sum(-1, keepdim=True, dtype=torch.int32) - 1 - earlier if descending else earlier
+    # [b, h, n, m]: rank of KV block n within query block m.
+    rank_by_kv = rank.transpose(-2, -1).expand(*batch_heads, num_kv_blocks, num_q_blocks)
+
+    def gather(q_indices: Optional[Tensor]) -> Optional[Tensor]:
+        if q_indices is None:
+            return None
+        slots = q_indices.to(torch.int64).clamp(0, max(num_q_blocks - 1, 0))
+        return rank_by_kv.gather(-1, slots.expand(*batch_heads, *slots.shape[2:])).contiguous()
+
+    return gather(block_mask.q_indices), gather(block_mask.full_q_indices)
 
 
 # --------------------------------------------------------------------------------------

@@ -153,7 +153,7 @@ class InductorFlexAttentionVariable(_hop_variables.TorchHigherOrderOperatorVaria
         if len(block_mask_items) != _BLOCK_MASK_TUPLE_LENGTH:
             _unsupported("malformed block mask tuple", f"{len(block_mask_items)} items",
                          f"The block mask must be the {_BLOCK_MASK_TUPLE_LENGTH}-item tuple of "
-                         "BlockMask.as_tuple() (docs/internals.md), mask_mod last.")
+                         "BlockMask.operator_tuple() (docs/internals.md), mask_mod last.")
         given_score_buffers = self._unpack_sequence(
             tx, bound.get("score_mod_other_buffers"), "score_mod_other_buffers")
         given_mask_buffers = self._unpack_sequence(

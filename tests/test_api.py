@@ -272,7 +272,7 @@ def _bad_inputs():
          "sets BLOCK_M twice"),
         ("score_mod", (q, k, v), {"score_mod": 3}, ValueError, "score_mod must be callable"),
         ("return_aux", (q, k, v), {"return_aux": True}, ValueError, "return_aux must be an AuxRequest"),
-        ("block_mask type", (q, k, v), {"block_mask": causal}, ValueError, "block_mask must be an inductor_flex BlockMask"),
+        ("block_mask type", (q, k, v), {"block_mask": causal}, ValueError, "block_mask must be a BlockMask"),
         ("block_mask longer", (q, k, v), {"block_mask": _mask(12, 8)}, ValueError,
          "block_mask was created for Q_LEN=12 and KV_LEN=8 but got q_len=8 and kv_len=8"),
         ("block_mask shorter", (q, k, v), {"block_mask": _mask(8, 4)}, ValueError,

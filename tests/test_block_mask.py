@@ -227,7 +227,7 @@ def test_small_slabs_give_the_same_mask(monkeypatch):
     # A budget below one block of rows forces per-batch, per-head, one-block slabs.
     monkeypatch.setattr(block_mask_module, "_SLAB_ELEMENT_BUDGET", 500)
     sliced = create_block_mask(table_mask_mod(dense), 2, 3, 150, 90, device=CPU, BLOCK_SIZE=(16, 32))
-    for field in BlockMask._TENSOR_FIELDS:
+    for field in BlockMask._BLOCK_LIST_FIELDS:
         assert torch.equal(getattr(sliced, field), getattr(reference, field)), field
 
 
@@ -279,10 +279,11 @@ def score_mod_identity(score, b, h, q, kv):
         (dict(mask_mod=score_mod_identity), ValueError, "looks like a score_mod"),
         (dict(mask_mod=lambda b, h, q: q > 0), ValueError, "must take 4 arguments"),
         (dict(mask_mod="causal"), ValueError, "must be a callable"),
-        (dict(B=0), ValueError, "B must be None"),
+        (dict(B=-1), ValueError, "B must be None"),
         (dict(H=2.0), ValueError, "H must be None"),
-        (dict(Q_LEN=0), ValueError, "Q_LEN must be a positive int"),
-        (dict(KV_LEN=-3), ValueError, "KV_LEN must be a positive int"),
+        (dict(Q_LEN=-1), ValueError, "Q_LEN must be a non-negative int"),
+        (dict(KV_LEN=-3), ValueError, "KV_LEN must be a non-negative int"),
+        (dict(dq_kv_order=None), ValueError, "dq_kv_order must be a bool"),
         (dict(BLOCK_SIZE=0), ValueError, "BLOCK_SIZE entries must be positive"),
         (dict(BLOCK_SIZE=(16, 16, 16)), ValueError, "BLOCK_SIZE must be an int or"),
         (dict(device="nonsense"), ValueError, "is not a device"),
@@ -343,17 +344,25 @@ def test_create_mask_in_slabs_equals_one_shot(monkeypatch):
 # --------------------------------------------------------------------------------------
 
 
-def test_as_tuple_follows_the_internals_contract():
-    bm = create_block_mask(causal, 2, 1, 300, 200, device=CPU, BLOCK_SIZE=(64, 32))
-    t = bm.as_tuple()
-    assert len(t) == 13
-    assert t[0] == 300 and t[1] == 200
+def test_as_tuple_is_torchs_and_operator_tuple_follows_the_internals_contract():
+    bm = create_block_mask(causal, 2, 1, 300, 200, device=CPU, BLOCK_SIZE=(64, 32), compute_dq_write_order=True)
     fields = [bm.kv_num_blocks, bm.kv_indices, bm.full_kv_num_blocks, bm.full_kv_indices,
               bm.q_num_blocks, bm.q_indices, bm.full_q_num_blocks, bm.full_q_indices]
+    t = bm.as_tuple()
+    assert len(t) == 17
+    assert t[0] == 300 and t[1] == 200
     assert all(a is b for a, b in zip(t[2:10], fields))
-    assert t[10] == 64 and t[11] == 32 and t[12] is causal
+    assert t[10] is bm.dq_write_order and t[11] is bm.dq_write_order_full
+    assert t[12] is None and t[13] is True  # dq_kv_order tensor, dq_kv_order_spt
+    assert t[14] == 64 and t[15] == 32 and t[16] is causal
     nested = bm.as_tuple(flatten=False)
-    assert nested[0] == (300, 200) and nested[-2] == (64, 32) and len(nested) == 11
+    assert nested[0] == (300, 200) and nested[-2] == (64, 32) and len(nested) == 15
+    assert BlockMask.from_tuple(t).as_tuple() == t
+
+    op = bm.operator_tuple()
+    assert len(op) == 13 and op[:2] == (300, 200)
+    assert all(a is b for a, b in zip(op[2:10], fields))
+    assert op[10:] == (64, 32, causal)
 
 
 def test_shape_numel_sparsity_to_dense():
@@ -375,29 +384,51 @@ def test_sparsity_matches_pytorch_definition_for_divisible_lengths():
     assert bm.sparsity() == pytest.approx(100 * (1 - computed * 128 * 128 / bm.numel()))
 
 
-def test_to_string_draws_full_partial_and_empty():
-    bm = create_block_mask(causal, None, None, 96, 96, device=CPU, BLOCK_SIZE=32)
-    lines = bm.to_string().splitlines()
-    assert lines[0] == "██ full  ░░ partial  ·· empty"
-    assert lines[1] == "(0, 0)"
-    assert lines[2:] == ["░░····", "██░░··", "████░░"]
-    text = repr(bm)
-    assert text.startswith("BlockMask(shape=(1, 1, 96, 96), BLOCK_SIZE=(32, 32), sparsity=33.33%, mask_mod=causal")
-    assert "░░····" in text and text.endswith(")")
+def test_to_string_fills_every_computed_block_as_torch_does():
+    # PyTorch's picture: a block that is computed (partial or full alike) is filled, an
+    # empty one blank; entries are "(b, h)" then their rows, separated by a blank line.
+    bm = create_block_mask(causal, None, 2, 96, 96, device=CPU, BLOCK_SIZE=32)
+    assert bm.to_string() == "(0, 0)\n██    \n████  \n██████\n\n(0, 1)\n██    \n████  \n██████\n"
+    assert str(bm) == ("BlockMask(shape=(1, 2, 96, 96), sparsity=33.33%, \n"
+                       "(0, 0)\n██    \n████  \n██████\n\n(0, 1)\n██    \n████  \n██████\n)")
+    assert repr(bm) == (
+        "BlockMask(\n"
+        "    kv_num_blocks=torch.Size([1, 2, 3]),\n"
+        "    kv_indices=torch.Size([1, 2, 3, 3]),\n"
+        "    full_kv_num_blocks=torch.Size([1, 2, 3]),\n"
+        "    full_kv_indices=torch.Size([1, 2, 3, 3]),\n"
+        "    q_num_blocks=torch.Size([1, 2, 3]),\n"
+        "    q_indices=torch.Size([1, 2, 3, 3]),\n"
+        "    full_q_num_blocks=torch.Size([1, 2, 3]),\n"
+        "    full_q_indices=torch.Size([1, 2, 3, 3]),\n"
+        "    BLOCK_SIZE=(32, 32),\n"
+        "    shape=(1, 2, 96, 96),\n"
+        "    sparsity=33.33%,\n"
+        "    mask_mod=causal\n"
+        ")"
+    )
+    partial_only = create_block_mask(causal, None, None, 64, 64, device=CPU, BLOCK_SIZE=32,
+                                     separate_full_blocks=False)
+    assert "full_kv_num_blocks=None," in repr(partial_only)
+    assert partial_only.to_string() == "(0, 0)\n██  \n████\n"
 
 
 def test_to_string_is_bounded_for_large_masks():
     bm = create_block_mask(causal, 3, 4, 64 * 100, 64 * 100, device=CPU, BLOCK_SIZE=64)
     lines = bm.to_string().splitlines()
-    assert "(each cell covers up to 5 x 5 blocks)" in lines
-    pictures = [line for line in lines if set(line) <= set("█░·") and line]
+    pictures = [line for line in lines if line and set(line) <= set("█░ ")]
     assert len(pictures) == 4 * 20 and all(len(line) == 2 * 20 for line in pictures)
-    assert lines[-1].startswith("... 8 more batch entries")
-    # A cell mixing full and empty blocks is drawn partial; below the diagonal it is full.
-    assert pictures[0] == "░░" + "··" * 19 and pictures[19] == "██" * 19 + "░░"
+    assert lines[-3:] == [
+        "...",
+        "To print out more, set BlockMask.to_string(limit=N)",
+        "You can also index (BlockMask[batch, head]) to choose a specific batch or head",
+    ]
+    # A 5 x 5-block cell mixing computed and empty blocks is shaded; below the diagonal,
+    # where every block is computed, it is filled.
+    assert pictures[0] == "░░" + "  " * 19 and pictures[19] == "██" * 19 + "░░"
     uncapped = bm.to_string(grid_size=-1, limit=1).splitlines()
-    assert len(uncapped) == 2 + 100 + 1 and uncapped[-1].startswith("... 11 more batch entries")
-    assert all(len(line) == 2 * 100 for line in uncapped[2:-1])
+    assert len(uncapped) == 1 + 100 + 1 + 3
+    assert all(len(line) == 2 * 100 for line in uncapped[1:101])
 
 
 def test_getitem_keeps_four_dims_and_selects_entries():
@@ -507,7 +538,7 @@ def test_to_device_returns_a_new_mask():
     assert moved.full_q_indices.device.type == "meta" and bm.kv_indices.device.type == "cpu"
     assert moved.mask_mod is bm.mask_mod and moved.seq_lengths == bm.seq_lengths
     back = bm.to("cpu")
-    for field in BlockMask._TENSOR_FIELDS:
+    for field in BlockMask._BLOCK_LIST_FIELDS:
         assert torch.equal(getattr(back, field), getattr(bm, field))
 
 
@@ -526,7 +557,7 @@ def test_pytree_round_trip_and_torch_compile_fullgraph():
     @torch.compile(fullgraph=True, backend="eager")
     def tuple_sum(block_mask):
         t = block_mask.as_tuple()
-        return t[2].sum() + t[5].sum() + t[0] + t[11]
+        return t[2].sum() + t[5].sum() + t[0] + t[15]
 
     assert torch.equal(plus_one(bm), bm.kv_num_blocks + 1)
     assert int(tuple_sum(bm)) == int(bm.kv_num_blocks.sum() + bm.full_kv_indices.sum()) + 256 + 64
@@ -551,7 +582,7 @@ def test_create_block_mask_traced_by_torch_compile_matches_eager():
     for q_len, kv_len in ((70, 100), (93, 41)):
         traced = build(torch.empty(q_len, kv_len))
         eager = create_block_mask(window, None, 2, q_len, kv_len, device=CPU, BLOCK_SIZE=(16, 32))
-        for field, got in zip(BlockMask._TENSOR_FIELDS, traced):
+        for field, got in zip(BlockMask._BLOCK_LIST_FIELDS, traced):
             assert torch.equal(got, getattr(eager, field)), field
         assert_layout(eager, *brute_blocks(create_mask(window, 1, 2, q_len, kv_len, device=CPU), 16, 32))
     assert len(frames) == 1  # one graph with symbolic lengths serves both shapes
@@ -638,7 +669,7 @@ def test_document_offsets_lengths_and_batches_agree():
     offsets = torch.tensor([0, 5, 5, 35, 36, 64])
     by_lengths = create_document_block_mask(lengths=lengths, BLOCK_SIZE=16, device=CPU)
     by_offsets = create_document_block_mask(offsets=offsets, BLOCK_SIZE=16)
-    for field in BlockMask._TENSOR_FIELDS:
+    for field in BlockMask._BLOCK_LIST_FIELDS:
         assert torch.equal(getattr(by_lengths, field), getattr(by_offsets, field)), field
     # One packing per batch entry: each batch row equals its own single-packing mask.
     other = [64]

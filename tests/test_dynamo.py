@@ -192,7 +192,7 @@ def test_given_buffers_come_before_lifted_ones():
     given = torch.randn(H)
     closed_over = torch.randn(M)
     block_tuple = create_block_mask(causal, None, None, M, M, device="cpu",
-                                    BLOCK_SIZE=BLOCK).as_tuple()
+                                    BLOCK_SIZE=BLOCK).operator_tuple()
 
     def score_mod(score, b, h, q_idx, kv_idx, head_bias):
         return score + head_bias[h] + closed_over[q_idx]
@@ -399,7 +399,7 @@ def test_untraceable_mod_graph_breaks_and_still_computes():
 
 def test_mod_returning_a_tuple_is_rejected_with_a_clear_message():
     block_tuple = create_block_mask(causal, None, None, M, M, device="cpu",
-                                    BLOCK_SIZE=BLOCK).as_tuple()
+                                    BLOCK_SIZE=BLOCK).operator_tuple()
 
     def score_mod(score, b, h, q_idx, kv_idx):
         return score, score
@@ -694,7 +694,7 @@ def test_route_tensor_indexing_rewrites_only_tensor_indexed_getitems():
         return score + table[h, q_idx] + table[1][2]
 
     block_tuple = create_block_mask(causal, None, None, M, M, device="cpu",
-                                    BLOCK_SIZE=BLOCK).as_tuple()
+                                    BLOCK_SIZE=BLOCK).operator_tuple()
 
     def fn(q, k, v):
         return inductor_flex_attention(q, k, v, score_mod, block_tuple, 0.25, {}, (), ())[0]
