@@ -13,7 +13,8 @@ import torch.nn.attention.flex_attention as torch_flex
 
 import inductor_flex
 from inductor_flex import BlockMask, create_block_mask, flex_attention
-from inductor_flex._compat import TORCH_VERSION
+
+TORCH_VERSION = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
 
 CPU = "cpu"
 
