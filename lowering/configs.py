@@ -39,6 +39,8 @@ from typing import Mapping, Optional, Sequence, Tuple
 
 import torch
 
+from .options import BACKWARD, FORWARD, PassOptions
+
 log = logging.getLogger(__name__)
 
 # tl.dot needs at least 16 along every dimension.
@@ -399,20 +401,18 @@ _OPTION_FIELDS = {
 
 
 def tile_options(kernel_options: Mapping, fields: Mapping = _OPTION_FIELDS,
-                 prefix: str = "fwd_") -> dict:
-    """The launch fields the user fixed, by config field name. Keys are matched without
-    regard to case (the api upper-cases them); ``<prefix>X`` wins over ``X`` (``fwd_`` for
-    the forward, ``bwd_`` for the backward; the other pass's prefix is ignored)."""
-    upper = {str(k).upper(): v for k, v in kernel_options.items()}
+                 prefix: str = FORWARD) -> dict:
+    """The launch fields the user fixed, by config field name, as the pass of ``prefix``
+    reads them (``options.PassOptions``: ``<prefix>X`` over ``X``, any case)."""
+    options = PassOptions(kernel_options, prefix)
     fixed = {}
     for option, field in fields.items():
-        for key in (option, prefix + option):
-            value = upper.get(key.upper())
-            if value is None:
-                continue
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"kernel option {key} must be a positive int, got {value!r}")
-            fixed[field] = int(value)
+        key, value = options.lookup(option)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"kernel option {key} must be a positive int, got {value!r}")
+        fixed[field] = int(value)
     return fixed
 
 
@@ -582,7 +582,7 @@ def select_backward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_
     """The backward configs to compile; the rules of ``select_forward_configs`` with the
     options ``BLOCK_M1``, ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``num_warps`` and
     ``num_stages`` (each also with a ``bwd_`` prefix that takes precedence)."""
-    fixed = tile_options(kernel_options, _BACKWARD_OPTION_FIELDS, prefix="bwd_")
+    fixed = tile_options(kernel_options, _BACKWARD_OPTION_FIELDS, prefix=BACKWARD)
     for option, field in _BACKWARD_OPTION_FIELDS.items():
         if field not in fixed or not option.startswith("BLOCK"):
             continue

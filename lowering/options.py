@@ -52,12 +52,17 @@ class PassOptions:
         self._options = {str(k).upper(): v for k, v in (kernel_options or {}).items()}
         self.prefix = prefix
 
-    def get(self, name: str, default=None):
+    def lookup(self, name: str):
+        """``(key, value)`` of the setting that applies to ``name``, or ``(None, None)``."""
         for key in (self.prefix + name.upper(), name.upper()):
             value = self._options.get(key)
             if value is not None:
-                return value
-        return default
+                return key, value
+        return None, None
+
+    def get(self, name: str, default=None):
+        _, value = self.lookup(name)
+        return default if value is None else value
 
     def flag(self, name: str, default: bool = False) -> bool:
         return bool(self.get(name, default))
