@@ -11,12 +11,12 @@ from .block_mask import (
     BlockMask,
     and_masks,
     create_block_mask,
-    create_document_block_mask,
     create_mask,
     noop_mask,
     or_masks,
 )
 from . import masks
+from .masks import create_document_block_mask
 from . import dynamo as _dynamo
 from .ops import inductor_flex_attention, inductor_flex_attention_backward
 

@@ -20,11 +20,11 @@ from inductor_flex.block_mask import (
     BlockMask,
     and_masks,
     create_block_mask,
-    create_document_block_mask,
     create_mask,
     noop_mask,
     or_masks,
 )
+from inductor_flex.masks import create_document_block_mask
 
 CPU = "cpu"
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -759,8 +759,9 @@ def test_block_mask_module_loads_without_torch_flex_attention():
         package = types.ModuleType("inductor_flex")
         package.__path__ = [{str(REPO / "inductor_flex")!r}]
         sys.modules["inductor_flex"] = package
-        from inductor_flex.block_mask import BlockMask, create_block_mask, create_document_block_mask
+        from inductor_flex.block_mask import BlockMask, create_block_mask
         import inductor_flex.masks
+        from inductor_flex.masks import create_document_block_mask
         bm = create_block_mask(inductor_flex.masks.causal_mask, None, None, 64, 64, device="cpu", BLOCK_SIZE=16)
         assert "torch.nn.attention.flex_attention" not in sys.modules
         print(int(bm.kv_num_blocks.sum()))

@@ -8,7 +8,8 @@ import torch
 
 from inductor_flex import masks
 from inductor_flex._mods import score_mod_grid
-from inductor_flex.block_mask import create_block_mask, create_document_block_mask, create_mask
+from inductor_flex.block_mask import create_block_mask, create_mask
+from inductor_flex.masks import create_document_block_mask
 
 CPU = "cpu"
 

@@ -19,18 +19,309 @@ the document offsets by arithmetic (time proportional to the number of blocks), 
 ``create_block_mask(generate_document_mask(...), ...)`` evaluates the mask at every pair.
 Both give the same element mask.
 """
-from typing import Callable, Optional
+import math
+import mmap
+from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ..block_mask import (
-    _document_device,
-    _document_layout,
-    _document_mask_mod,
-    create_document_block_mask,
+    _DEFAULT_SPARSE_BLOCK_SIZE,
+    BlockMask,
+    _block_size_pair,
+    _BlockSize,
+    _cdiv,
+    _mask_mod_signature,
+    _mod_name,
+    _usable_device,
 )
 
 __all__ = ["create_document_block_mask", "document_ids", "generate_document_mask"]
+
+
+class _DocumentLayout(NamedTuple):
+    offsets: List[Tensor]  # per packing: int64 [n_docs + 1], offsets[0] == 0
+    doc_ids: Tensor  # int32 [packings, total]: document of each position
+    starts: Tensor  # int32 [packings, max_docs]: first position of each document
+    total: int  # tokens per packing
+    batched: bool  # given as one packing per batch entry (2-D / list of sequences)
+
+
+def _as_int_tensor(function: str, name: str, value) -> Tensor:
+    tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
+    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex():
+        raise ValueError(f"{function}: {name} must hold integers, got dtype {tensor.dtype}")
+    return tensor.to(torch.int64)
+
+
+def _document_layout(function: str, lengths, offsets, device: torch.device) -> _DocumentLayout:
+    """Validate document lengths or offsets (one packing, or one per batch entry) and
+    compute the document id of every position."""
+    if (lengths is None) == (offsets is None):
+        raise ValueError(f"{function}: give exactly one of lengths= or offsets=")
+    given, name = (lengths, "lengths") if lengths is not None else (offsets, "offsets")
+    if not isinstance(given, (Tensor, list, tuple)):
+        try:
+            given = torch.as_tensor(given)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(
+                f"{function}: {name} must be a tensor or a sequence of ints, got {type(given).__name__}"
+            ) from None
+    if isinstance(given, Tensor):
+        batched = given.dim() == 2
+    else:
+        batched = len(given) > 0 and isinstance(given[0], (list, tuple, Tensor))
+    packings = list(given) if batched else [given]
+    if not packings:
+        raise ValueError(f"{function}: {name} is empty")
+    all_offsets = []
+    for position, packing in enumerate(packings):
+        values = _as_int_tensor(function, name, packing).to(device)
+        where = f"{name}[{position}]" if len(packings) > 1 else name
+        if values.dim() != 1 or values.numel() == 0:
+            raise ValueError(f"{function}: {where} must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
+        if lengths is not None:
+            if bool((values < 0).any()):
+                raise ValueError(f"{function}: {where} has a negative document length")
+            values = F.pad(values.cumsum(0), (1, 0))
+        else:
+            if int(values[0]) != 0:
+                raise ValueError(f"{function}: {where} must start at 0, got {int(values[0])}")
+            if values.numel() > 1 and bool((values[1:] < values[:-1]).any()):
+                raise ValueError(f"{function}: {where} must be non-decreasing")
+        all_offsets.append(values)
+    totals = {int(o[-1]) for o in all_offsets}
+    if len(totals) != 1:
+        raise ValueError(f"{function}: every packing must hold the same number of tokens, got {sorted(totals)}")
+    total = totals.pop()
+    if total < 1:
+        raise ValueError(f"{function}: the documents hold no tokens")
+    max_docs = max(o.numel() - 1 for o in all_offsets)
+    doc_ids = torch.empty(len(all_offsets), total, dtype=torch.int32, device=device)
+    starts = torch.full((len(all_offsets), max_docs), total, dtype=torch.int32, device=device)
+    for row, packing_offsets in enumerate(all_offsets):
+        n_docs = packing_offsets.numel() - 1
+        doc_ids[row] = torch.repeat_interleave(
+            torch.arange(n_docs, dtype=torch.int32, device=device), packing_offsets.diff()
+        )
+        starts[row, :n_docs] = packing_offsets[:-1].to(torch.int32)
+    return _DocumentLayout(all_offsets, doc_ids, starts, total, batched)
+
+
+def _document_device(function: str, lengths, offsets, device) -> torch.device:
+    """``device``, defaulting to that of the given lengths / offsets tensor, else
+    ``default_device()``."""
+    if device is None:
+        given = lengths if lengths is not None else offsets
+        device = given.device if isinstance(given, Tensor) else None
+    return _usable_device(function, device)
+
+
+def _document_mask_mod(layout: _DocumentLayout, causal: bool, inner: Optional[Callable]) -> Callable:
+    """The element mask of packed documents: same document, ``q >= kv`` when causal, and
+    ``inner`` evaluated on positions local to the document (0 at its first token)."""
+    if layout.doc_ids.shape[0] == 1:
+        # One packing shared by every batch entry: the batch index is not needed.
+        doc_ids, starts = layout.doc_ids[0], layout.starts[0]
+
+        def doc_of(b, idx):
+            return doc_ids[idx]
+
+        def start_of(b, doc):
+            return starts[doc]
+    else:
+        doc_ids, starts = layout.doc_ids, layout.starts
+
+        def doc_of(b, idx):
+            return doc_ids[b, idx]
+
+        def start_of(b, doc):
+            return starts[b, doc]
+
+    def document_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        q_doc, kv_doc = doc_of(b, q_idx), doc_of(b, kv_idx)
+        keep = q_doc == kv_doc
+        if causal:
+            keep = keep & (q_idx >= kv_idx)
+        if inner is not None:
+            keep = keep & inner(b, h, q_idx - start_of(b, q_doc), kv_idx - start_of(b, kv_doc))
+        return keep
+
+    document_mask.__name__ = "causal_document_mask" if causal else "document_mask"
+    if inner is not None:
+        document_mask.__name__ += f"[{_mod_name(inner)}]"
+    return document_mask
+
+
+class _BlockRuns(NamedTuple):
+    """Per row block, its visible column blocks as runs: partial blocks are
+    ``[lo, lo + n_left)`` then ``[lo + n_left + n_full, lo + n_partial + n_full)``; full blocks
+    are ``[full_start, full_start + n_full)``."""
+
+    lo: Tensor
+    n_left: Tensor
+    n_partial: Tensor
+    n_full: Tensor
+    full_start: Tensor
+
+
+def _document_block_runs(
+    offsets: Tensor,
+    length: int,
+    row_block: int,
+    col_block: int,
+    row_bounds_low: bool,
+    row_bounds_high: bool,
+    allow_full: bool,
+) -> _BlockRuns:
+    """Block runs of the same-document relation (with causality) for one packing.
+
+    Rows and columns index the same positions. Causal masks cut the visible columns at
+    the row block's last position (``row_bounds_high``, KV side) or start them at its
+    first position (``row_bounds_low``, query side). Documents are contiguous, so the
+    visible columns of a row block form one range, every block of which sees something;
+    full blocks are those inside the single document of a row block that lies in one
+    document, with the causal cut; the partial ones are what is left of the range.
+    """
+    device = offsets.device
+    n_rows, n_cols = _cdiv(length, row_block), _cdiv(length, col_block)
+    first = torch.arange(n_rows, device=device) * row_block
+    last = (first + row_block).clamp(max=length) - 1
+    doc_first = torch.searchsorted(offsets, first, right=True) - 1
+    doc_last = torch.searchsorted(offsets, last, right=True) - 1
+    start_first = offsets[doc_first]
+    visible_low = first if row_bounds_low else start_first
+    visible_high = last if row_bounds_high else offsets[doc_last + 1] - 1
+    lo = visible_low // col_block
+    n_visible = visible_high // col_block - lo + 1
+    if allow_full:
+        # Causal cuts: a full block's columns all come at or after the row block's last
+        # position (query side) or at or before its first one (KV side). Within one
+        # document these bounds already lie inside it.
+        full_low = last if row_bounds_low else start_first
+        full_high = first if row_bounds_high else offsets[doc_first + 1] - 1
+        full_start = -(-full_low // col_block)
+        # Last column block whose last existing position is <= full_high.
+        full_end = torch.where(full_high >= length - 1, n_cols - 1, (full_high + 1) // col_block - 1)
+        has_full = (doc_first == doc_last) & (full_start <= full_end)
+        n_full = torch.where(has_full, full_end - full_start + 1, 0)
+        n_left = torch.where(has_full, full_start - lo, 0)
+        full_start = torch.where(has_full, full_start, 0)
+    else:
+        n_full = n_left = full_start = torch.zeros_like(lo)
+    return _BlockRuns(lo, n_left, n_visible - n_full, n_full, full_start)
+
+
+# A million tokens give [8192, 8192] index lists, 1 GiB for the four of them, of which a
+# packed-document mask uses only a short prefix per row. A fresh anonymous mapping reads
+# as zeros (valid block indices) and costs nothing until a page is written, so on the CPU
+# large lists come from one and only the used prefix is written: page faults on the whole
+# gigabyte would otherwise dominate the construction time.
+_LAZY_ZEROS_MIN_BYTES = 16 << 20
+
+
+def _zeros_int32(shape: Tuple[int, ...], device: torch.device) -> Tensor:
+    nbytes = math.prod(shape) * 4
+    if device.type == "cpu" and nbytes >= _LAZY_ZEROS_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
+        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        return torch.frombuffer(buffer, dtype=torch.int32).view(shape)
+    return torch.zeros(shape, dtype=torch.int32, device=device)
+
+
+def _write_runs(out: Tensor, count: Tensor, base: Tensor, fix_start: Optional[Tensor] = None,
+                fix_count: Optional[Tensor] = None) -> None:
+    """Fill the used prefix of each row of the zeroed ``out [rows, n_cols]``: slot c of row r
+    := ``base[r] + c`` (capped at n_cols - 1), except the first ``fix_count[r]`` slots :=
+    ``fix_start[r] + c``. The prefix is ``max(count)`` wide; later slots stay 0."""
+    if out.shape[0] == 0:
+        return
+    width = int(count.max())
+    if width == 0:
+        return
+    n_cols = out.shape[1]
+    ramp = torch.arange(n_cols, dtype=torch.int32, device=out.device)
+    capped = torch.cat([ramp, ramp.new_full((width,), n_cols - 1)])
+    # Row s of the unfolded view is capped[s : s + width]; gathering rows is one copy.
+    prefix = torch.index_select(capped.unfold(0, width, 1), 0, base.clamp(0, n_cols))
+    if fix_count is not None:
+        slots = ramp[:width]
+        prefix = torch.where(slots < fix_count[:, None], fix_start[:, None].to(torch.int32) + slots, prefix)
+    out[:, :width] = prefix
+
+
+def create_document_block_mask(
+    lengths=None,
+    offsets=None,
+    causal: bool = True,
+    mask_mod: Optional[_mask_mod_signature] = None,
+    BLOCK_SIZE: _BlockSize = _DEFAULT_SPARSE_BLOCK_SIZE,
+    device: Optional[Union[str, torch.device]] = None,
+) -> BlockMask:
+    """BlockMask of packed documents, built from block arithmetic without evaluating a mod.
+
+    Give either ``lengths`` (tokens per document) or ``offsets`` (``[0, end_0, end_1, ...]``,
+    like ``cu_seqlens``); either may hold one packing (1-D) or one per batch entry (a
+    2-D tensor or a list of sequences, all with the same total). Q_LEN = KV_LEN = total.
+
+    A position attends to positions of its own document, only earlier ones when
+    ``causal``, and only where ``mask_mod`` (if given) keeps them; ``mask_mod`` receives
+    positions local to the document (0 at its first token). With ``mask_mod`` the full_*
+    fields are None: every visible block is partial, since only evaluating the mod could
+    show a block full.
+    ``device`` defaults to the device of the given tensor, else the current accelerator
+    (the CPU when there is none).
+
+    The result's ``mask_mod`` is the exact element mask (it closes over the document ids).
+    Work is proportional to the number of blocks.
+    """
+    fn = "create_document_block_mask"
+    if mask_mod is not None and not callable(mask_mod):
+        raise ValueError(f"{fn}: mask_mod must be a callable (b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
+    q_block, kv_block = _block_size_pair(fn, BLOCK_SIZE)
+    device = _document_device(fn, lengths, offsets, device)
+    layout = _document_layout(fn, lengths, offsets, device)
+    total = layout.total
+    n_q, n_kv = _cdiv(total, q_block), _cdiv(total, kv_block)
+    packings = len(layout.offsets)
+
+    has_full = mask_mod is None
+
+    def lists_for(rows: int, cols: int) -> List[Tensor]:
+        # [num_blocks, indices], then their full versions when there are any.
+        sizes = [(packings, 1, rows), (packings, 1, rows, cols)] * (2 if has_full else 1)
+        return [_zeros_int32(size, device) for size in sizes]
+
+    kv_lists, q_lists = lists_for(n_q, n_kv), lists_for(n_kv, n_q)
+    for p, packing_offsets in enumerate(layout.offsets):
+        for lists, rows, cols, low, high in (
+            (kv_lists, q_block, kv_block, False, causal),
+            (q_lists, kv_block, q_block, causal, False),
+        ):
+            runs = _document_block_runs(packing_offsets, total, rows, cols, low, high, has_full)
+            lists[0][p, 0] = runs.n_partial
+            _write_runs(lists[1][p, 0], runs.n_partial, runs.lo + runs.n_full, runs.lo, runs.n_left)
+            if has_full:
+                lists[2][p, 0] = runs.n_full
+                _write_runs(lists[3][p, 0], runs.n_full, runs.full_start)
+    if not has_full:
+        # No block is known to be full: the inner mask_mod must run everywhere.
+        kv_lists += [None, None]
+        q_lists += [None, None]
+    return BlockMask(
+        (total, total),
+        kv_lists[0],
+        kv_lists[1],
+        kv_lists[2],
+        kv_lists[3],
+        q_lists[0],
+        q_lists[1],
+        q_lists[2],
+        q_lists[3],
+        BLOCK_SIZE=(q_block, kv_block),
+        mask_mod=_document_mask_mod(layout, causal, mask_mod),
+    )
 
 
 def generate_document_mask(
