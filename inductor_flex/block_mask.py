@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import _compat
+from ._block_lists import dense_to_listed, listed_to_dense, transpose_listed
 from ._mods import mask_mod_grid, score_mod_grid
 
 __all__ = [
@@ -199,44 +200,6 @@ def _usable_device(function: str, device) -> torch.device:
     except RuntimeError as error:
         raise RuntimeError(f"{function}: device {str(resolved)!r} is not usable: {error}") from None
     return resolved
-
-
-# --------------------------------------------------------------------------------------
-# Ordered block lists <-> dense block matrices
-# --------------------------------------------------------------------------------------
-
-
-def _ordered_to_dense(num_blocks: Tensor, indices: Tensor, num_cols: int) -> Tensor:
-    """bool ``[..., rows, num_cols]``: True at the first ``num_blocks`` entries of each row of
-    ``indices``. The entries past ``num_blocks`` are ignored, whatever they hold."""
-    slot = torch.arange(indices.shape[-1], device=indices.device)
-    listed = slot < num_blocks.unsqueeze(-1)
-    # Unlisted slots write into a spare column that is cut off afterwards.
-    target = torch.where(listed, indices.to(torch.int64), num_cols)
-    dense = torch.zeros(*indices.shape[:-1], num_cols + 1, dtype=torch.bool, device=indices.device)
-    dense.scatter_(-1, target, torch.ones_like(target, dtype=torch.bool))
-    return dense[..., :num_cols]
-
-
-def _dense_to_ordered(dense: Tensor) -> Tuple[Tensor, Tensor]:
-    """(num_blocks int32 ``[..., rows]``, indices int32 ``[..., rows, cols]``) of a bool block
-    matrix: each row lists its True columns in increasing order, then its False ones."""
-    marked = dense.to(torch.int32)
-    num_blocks = marked.sum(-1, dtype=torch.int32)
-    # Stable partition by rank: the k-th True column goes to slot k, the k-th False one to
-    # slot num_blocks + k. Linear time, unlike a sort.
-    true_rank = marked.cumsum(-1) - 1
-    false_rank = num_blocks.unsqueeze(-1).to(true_rank.dtype) + (1 - marked).cumsum(-1) - 1
-    slot = torch.where(dense, true_rank, false_rank)
-    columns = torch.arange(dense.shape[-1], dtype=torch.int32, device=dense.device).expand(dense.shape)
-    indices = torch.empty(dense.shape, dtype=torch.int32, device=dense.device)
-    indices.scatter_(-1, slot, columns)
-    return num_blocks, indices
-
-
-def _transpose_ordered(num_blocks: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
-    dense = _ordered_to_dense(num_blocks, indices, indices.shape[-1])
-    return _dense_to_ordered(dense.transpose(-2, -1))
 
 
 # --------------------------------------------------------------------------------------
@@ -407,9 +370,9 @@ class BlockMask:
             seq_lengths = (kv_indices.shape[-2] * block_size[0], kv_indices.shape[-1] * block_size[1])
         q_num_blocks = q_indices = full_q_num_blocks = full_q_indices = None
         if compute_q_blocks:
-            q_num_blocks, q_indices = _transpose_ordered(kv_num_blocks, kv_indices)
+            q_num_blocks, q_indices = transpose_listed(kv_num_blocks, kv_indices)
             if full_kv_num_blocks is not None:
-                full_q_num_blocks, full_q_indices = _transpose_ordered(full_kv_num_blocks, full_kv_indices)
+                full_q_num_blocks, full_q_indices = transpose_listed(full_kv_num_blocks, full_kv_indices)
         return cls(
             seq_lengths,
             kv_num_blocks,
@@ -498,9 +461,9 @@ class BlockMask:
     def to_dense(self) -> Tensor:
         """int32 ``[*batch_dims, n_q_blocks, n_kv_blocks]``: 1 where a block is partial or full."""
         num_cols = self.kv_indices.shape[-1]
-        visible = _ordered_to_dense(self.kv_num_blocks, self.kv_indices, num_cols)
+        visible = listed_to_dense(self.kv_num_blocks, self.kv_indices, num_cols)
         if self.full_kv_num_blocks is not None:
-            visible = visible | _ordered_to_dense(self.full_kv_num_blocks, self.full_kv_indices, num_cols)
+            visible = visible | listed_to_dense(self.full_kv_num_blocks, self.full_kv_indices, num_cols)
         return visible.to(torch.int32)
 
     # Picture characters, as PyTorch draws them: a cell is filled when every block it
@@ -667,8 +630,8 @@ class BlockMask:
         def crop(num_blocks: Optional[Tensor], indices: Optional[Tensor]):
             if num_blocks is None:
                 return None, None
-            dense = _ordered_to_dense(num_blocks, indices, indices.shape[-1])
-            return _dense_to_ordered(dense[..., :rows, :cols])
+            dense = listed_to_dense(num_blocks, indices, indices.shape[-1])
+            return dense_to_listed(dense[..., :rows, :cols])
 
         cropped = BlockMask.from_kv_blocks(
             *crop(self.kv_num_blocks, self.kv_indices),
@@ -1030,7 +993,7 @@ def _block_mask_from_dense_blocks(
     def ordered(dense: Optional[Tensor]) -> List[Optional[Tensor]]:
         if dense is None:
             return [None, None]
-        num_blocks, indices = _dense_to_ordered(dense)
+        num_blocks, indices = dense_to_listed(dense)
         target = batch_sizes + tuple(dense.shape[2:])
         return [num_blocks.expand(target[:-1]).contiguous(), indices.expand(target).contiguous()]
 
@@ -1055,9 +1018,9 @@ def _dq_write_order(block_mask: BlockMask, descending: bool) -> Tuple[Tensor, Op
                          block_mask.full_q_indices) if t is not None]
     batch_heads = torch.broadcast_shapes(*(t.shape[:2] for t in lists))
     num_q_blocks, num_kv_blocks = block_mask.kv_indices.shape[-2], block_mask.q_indices.shape[-2]
-    visible = _ordered_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, num_kv_blocks)
+    visible = listed_to_dense(block_mask.kv_num_blocks, block_mask.kv_indices, num_kv_blocks)
     if block_mask.full_kv_num_blocks is not None:
-        visible = visible | _ordered_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
+        visible = visible | listed_to_dense(block_mask.full_kv_num_blocks, block_mask.full_kv_indices,
                                               num_kv_blocks)
     visible = visible.to(torch.int32)
     # Visible KV blocks before each one, per query block (row).

@@ -32,6 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .._block_lists import listed_to_dense
 from .._mods import mask_mod_grid, score_mod_at, score_mod_grid
 from ._shared import empty_in_layout_of  # the fake registrations use it too: strides agree
 
@@ -141,15 +142,8 @@ class _Problem:
 
     def _block_marks(self, num_blocks: Tensor, indices: Tensor, first_qb: int, end_qb: int) -> Tensor:
         """bool ``[Bm, Hm, end_qb - first_qb, num_kv_blocks]``: which KV blocks each query block lists."""
-        num_blocks = num_blocks[..., first_qb:end_qb]
-        indices = indices[..., first_qb:end_qb, :]
-        listed = torch.arange(indices.shape[-1], device=self.device) < num_blocks.unsqueeze(-1)
-        # Entries past num_blocks are meaningless: send them to a spare column, dropped below.
-        columns = torch.where(listed, indices.long(), self.num_kv_blocks)
-        marks = torch.zeros(*columns.shape[:-1], self.num_kv_blocks + 1, dtype=torch.bool,
-                            device=self.device)
-        marks.scatter_(-1, columns, True)
-        return marks[..., : self.num_kv_blocks]
+        return listed_to_dense(num_blocks[..., first_qb:end_qb], indices[..., first_qb:end_qb, :],
+                               self.num_kv_blocks)
 
     def keep_mask(self, start: int, stop: int, q_idx: Tensor) -> Tensor:
         """bool ``[B, Hq, stop - start, N]`` (maybe broadcast): which scores of the chunk are kept."""
