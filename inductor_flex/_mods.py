@@ -92,8 +92,15 @@ def mask_mod_grid(mask_mod: Callable, b: Tensor, h: Tensor, q_idx: Tensor, kv_id
     grid = _nest_vmaps(batchable(mask_mod), has_score=False, num_buffers=len(buffers))
     out = grid(*_grid_indices(b, h, q_idx, kv_idx), *buffers)
     out = torch.as_tensor(out, device=q_idx.device)
+    if out.dtype != torch.bool:
+        # As PyTorch's create_block_mask: a nonzero int or float is no "keep"; the mod
+        # most likely returns a score or an index by mistake.
+        raise ValueError(
+            f"mask_mod {getattr(mask_mod, '__name__', type(mask_mod).__name__)} returned "
+            f"{out.dtype}; a mask_mod must return a bool tensor (True keeps the score), "
+            f"e.g. a comparison such as q_idx >= kv_idx")
     shape = (b.numel(), h.numel(), q_idx.numel(), kv_idx.numel())
-    return out.to(torch.bool).expand(shape)
+    return out.expand(shape)
 
 
 def score_mod_grid(score_mod: Callable, scores: Tensor, b: Tensor, h: Tensor, q_idx: Tensor,

@@ -159,11 +159,19 @@ def _validate_tensors(query, key, value, enable_gqa: bool) -> None:
         raise ValueError(
             f"Expect query and key/value to have the same batch size (or key/value batch size 1, "
             f"which broadcasts), but got Bq={batch} and Bkv={kv_batch}.")
+    if q_heads == 0 or kv_heads == 0:
+        raise ValueError(
+            f"flex_attention: query and key/value need at least one head (dim 1), but got "
+            f"Hq={q_heads} and Hkv={kv_heads}.")
+    if q_dim == 0:
+        raise ValueError(
+            "flex_attention: query and key have head dim E=0 (dim 3); attention needs E >= 1 "
+            "(the default scale is 1/sqrt(E)).")
     if not enable_gqa and q_heads != kv_heads:
         raise ValueError(
             f"Expect query and key/value to have the same number of heads but got Hq={q_heads} "
             f"and Hkv={kv_heads}. Try setting enable_gqa=True for GQA.")
-    if kv_heads == 0 or q_heads % kv_heads != 0:
+    if q_heads % kv_heads != 0:
         raise ValueError(
             f"Expect number of query heads to be a multiple of kv heads for GQA but got "
             f"Hq={q_heads} and Hkv={kv_heads}.")
@@ -240,16 +248,23 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
     Built from the counts directly, without evaluating a mask_mod or transposing block
     lists: one row of counts per side, and index rows that are expanded (stride-0) views of
     one ``arange``, so it costs O(number of blocks) memory and time.
+
+    Each side has one spare block row and one spare index column that no count reaches.
+    They keep every size provably above 1, so under dynamic shapes the stride-0 views
+    raise no "is this size 1?" guard, which would recompile each time a length crosses
+    one block (128). The spare column repeats the last block, so even a reader that walks
+    every column (autotuning's generated inputs) stays in bounds.
     """
     block = _DEFAULT_SPARSE_BLOCK_SIZE
     q_blocks = -(-q_len // block)
     kv_blocks = -(-kv_len // block)
 
     def side(rows: int, cols: int):
-        no_partial = torch.zeros((1, 1, rows), dtype=torch.int32, device=device)
-        unused = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device).expand(1, 1, rows, cols)
-        all_full = torch.full((1, 1, rows), cols, dtype=torch.int32, device=device)
-        every_block = torch.arange(cols, dtype=torch.int32, device=device).expand(1, 1, rows, cols)
+        no_partial = torch.zeros((1, 1, rows + 1), dtype=torch.int32, device=device)
+        unused = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device).expand(1, 1, rows + 1, 1)
+        all_full = torch.full((1, 1, rows + 1), cols, dtype=torch.int32, device=device)
+        columns = torch.arange(cols + 1, dtype=torch.int32, device=device).clamp(max=cols - 1).clamp(min=0)
+        every_block = columns.expand(1, 1, rows + 1, cols + 1)
         return no_partial, unused, all_full, every_block
 
     kv_num, kv_idx, full_kv_num, full_kv_idx = side(q_blocks, kv_blocks)

@@ -967,12 +967,17 @@ def _classify_in_slabs(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_bloc
 def _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block: int, kv_block: int,
                          device: torch.device) -> Tuple[Tensor, Tensor]:
     """(some visible, all visible) per block, from one evaluation over the whole grid."""
-    b, h, q, kv = (torch.arange(n, device=device) for n in (B, H, Q_LEN, KV_LEN))
-    mask = mask_mod_grid(mask_mod, b, h, q, kv)
     n_q, n_kv = _cdiv(Q_LEN, q_block), _cdiv(KV_LEN, kv_block)
-    # Padding adds no visible pair; the comparison below counts only existing pairs.
-    padded = F.pad(mask, (0, n_kv * kv_block - KV_LEN, 0, n_q * q_block - Q_LEN))
-    visible = padded.view(B, H, n_q, q_block, n_kv, kv_block).sum((3, 5), dtype=torch.int64)
+    # The grid is evaluated over whole blocks, with the positions past Q_LEN / KV_LEN
+    # clamped to the last real one (so the mod never indexes past its data) and then
+    # dropped. Padding the mask instead (F.pad) makes Inductor's CPU vectorizer emit a
+    # masked bool load it cannot compile (VecMask<int> vs VecMask<float>) for some lengths.
+    q = torch.arange(n_q * q_block, device=device)
+    kv = torch.arange(n_kv * kv_block, device=device)
+    b, h = torch.arange(B, device=device), torch.arange(H, device=device)
+    mask = mask_mod_grid(mask_mod, b, h, q.clamp(max=Q_LEN - 1), kv.clamp(max=KV_LEN - 1))
+    exists = (q < Q_LEN)[:, None] & (kv < KV_LEN)[None, :]
+    visible = (mask & exists).view(B, H, n_q, q_block, n_kv, kv_block).sum((3, 5), dtype=torch.int64)
     block_rows = (Q_LEN - torch.arange(n_q, device=device) * q_block).clamp(max=q_block)
     block_cols = (KV_LEN - torch.arange(n_kv, device=device) * kv_block).clamp(max=kv_block)
     return visible > 0, visible == block_rows[:, None] * block_cols[None, :]

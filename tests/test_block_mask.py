@@ -588,6 +588,40 @@ def test_create_block_mask_traced_by_torch_compile_matches_eager():
     assert len(frames) == 1  # one graph with symbolic lengths serves both shapes
 
 
+_DOCUMENT_OF_POSITION = torch.arange(512) // 37
+
+
+def same_document_causal(b, h, q_idx, kv_idx):
+    return (q_idx >= kv_idx) & (_DOCUMENT_OF_POSITION[q_idx] == _DOCUMENT_OF_POSITION[kv_idx])
+
+
+# Length pairs whose padded block reduction Inductor's CPU vectorizer could not compile
+# for a causal mask (VecMask<int> vs VecMask<float>), then odd pairs from a fixed seed
+# with a mod that indexes a captured tensor by position (so evaluating it past the lengths
+# would read out of bounds). One compile each.
+_ODD_LENGTH_CASES = [(256, 122, causal), (384, 84, causal), (122, 256, causal)] + [
+    (*(int(n) for n in torch.randint(1, 400, (2,), generator=torch.Generator().manual_seed(seed))),
+     same_document_causal)
+    for seed in range(7)
+]
+
+
+@pytest.mark.parametrize("q_len, kv_len, mask_mod", _ODD_LENGTH_CASES)
+def test_create_block_mask_compiled_by_inductor_for_odd_lengths(q_len, kv_len, mask_mod):
+    """Built inside a function compiled by Inductor on CPU, for lengths that are not block
+    multiples, the mask equals the eager one."""
+    torch._dynamo.reset()
+
+    @torch.compile(fullgraph=True, dynamic=False)
+    def build():
+        return create_block_mask(mask_mod, None, None, q_len, kv_len, device=CPU).as_tuple()[2:10]
+
+    eager = create_block_mask(mask_mod, None, None, q_len, kv_len, device=CPU)
+    for field, got in zip(BlockMask._TENSOR_FIELDS, build()):
+        assert torch.equal(got, getattr(eager, field)), field
+    torch._dynamo.reset()
+
+
 def test_default_block_size_constant():
     assert _DEFAULT_SPARSE_BLOCK_SIZE == 128
     assert create_block_mask(causal, None, None, 256, 256, device=CPU).BLOCK_SIZE == (128, 128)

@@ -153,6 +153,24 @@ def test_dynamic_shapes_compile_once():
     assert counter.frame_count == 1
 
 
+def test_dynamic_shapes_default_mask_compiles_once_across_block_boundaries():
+    """Without a block mask the default full mask has one row per 128-query block; that
+    row count must not pin the length, so one frame serves lengths on both sides of 128."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(flex_attention, backend=counter, dynamic=True)
+    for length in (64, 128, 256, 1000):
+        query, key, value = (torch.randn(1, 2, length, 8, requires_grad=True) for _ in range(3))
+        out = compiled(query, key, value)
+        out.sum().backward()
+        leaves = [t.detach().double().requires_grad_() for t in (query, key, value)]
+        expected = torch.nn.functional.scaled_dot_product_attention(*leaves)
+        expected.sum().backward()
+        torch.testing.assert_close(out, expected.float(), atol=1e-5, rtol=1e-5)
+        for t, leaf in zip((query, key, value), leaves):
+            torch.testing.assert_close(t.grad, leaf.grad.float(), atol=1e-5, rtol=1e-4)
+    assert counter.frame_count == 1
+
+
 _M_MMAP_THRESHOLD = -3  # mallopt parameter (glibc)
 
 

@@ -33,6 +33,8 @@ lse is differentiable (its gradient reaches the backward operator as ``grad_logs
 gradients again fails with a clear error (see ``backward.py``).
 """
 import copy
+import functools
+import types
 from contextlib import nullcontext
 from typing import Callable, Sequence
 
@@ -100,10 +102,71 @@ def lift_grad_requiring_constants(graph: torch.fx.GraphModule) -> tuple[torch.fx
     return graph, lifted
 
 
+# What a plain function may reach without holding a tensor that requires grad.
+_INERT_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
+                type, types.BuiltinFunctionType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+_MAX_REACH_DEPTH = 4
+_MAX_CONTAINER_ITEMS = 64
+
+
+def _may_reach_grad_tensor(value, depth: int = 0) -> bool:
+    """False when ``value`` provably reaches no tensor that requires grad: a tensor that
+    does not, an inert value, a small container of those, or a plain function whose
+    closure, defaults and the globals it names are such. True whenever unsure."""
+    if isinstance(value, Tensor):
+        return value.requires_grad
+    if isinstance(value, _INERT_TYPES):
+        return False
+    if depth >= _MAX_REACH_DEPTH:
+        return True
+    if isinstance(value, torch.nn.Module):
+        return any(t.requires_grad for t in (*value.parameters(), *value.buffers()))
+    if isinstance(value, (list, tuple, set, frozenset, dict)):
+        items = list(value.values()) if isinstance(value, dict) else list(value)
+        return len(items) > _MAX_CONTAINER_ITEMS or any(_may_reach_grad_tensor(v, depth + 1) for v in items)
+    if isinstance(value, functools.partial):
+        return any(_may_reach_grad_tensor(v, depth + 1)
+                   for v in (value.func, value.args, value.keywords))
+    if isinstance(value, types.MethodType):
+        return _may_reach_grad_tensor(value.__self__, depth + 1) or _may_reach_grad_tensor(value.__func__, depth + 1)
+    if not isinstance(value, types.FunctionType):
+        return True  # a callable object, say: its state is not ours to walk
+    names = set()
+    codes = [value.__code__]
+    while codes:  # the function's own names and those of functions defined inside it
+        code = codes.pop()
+        names.update(code.co_names)
+        codes.extend(c for c in code.co_consts if isinstance(c, types.CodeType))
+    reached = [cell.cell_contents for cell in (value.__closure__ or ()) if _cell_is_set(cell)]
+    reached += list(value.__defaults__ or ()) + list((value.__kwdefaults__ or {}).values())
+    for name in names & value.__globals__.keys():
+        found = value.__globals__[name]
+        if isinstance(found, types.ModuleType):
+            # A module reached by name: only the attributes the code names matter.
+            reached += [getattr(found, n, None) for n in names]
+        else:
+            reached.append(found)
+    return any(_may_reach_grad_tensor(v, depth + 1) for v in reached if not isinstance(v, types.ModuleType))
+
+
+def _cell_is_set(cell) -> bool:
+    try:
+        cell.cell_contents
+    except ValueError:  # a closure variable not assigned yet
+        return False
+    return True
+
+
 def _closure_needs_grad(score_mod: Callable, query: Tensor, buffers: Sequence[Tensor]) -> bool:
-    """Whether a score_mod closes over a tensor that requires grad (eager tensors only)."""
+    """Whether a score_mod closes over a tensor that requires grad (eager tensors only).
+
+    Decided without calling the mod when it provably reaches no such tensor (the common
+    case), so a mod runs once per use; otherwise by one call on 0-d examples.
+    """
     if isinstance(score_mod, torch.fx.GraphModule):
         return bool(_grad_requiring_constants(score_mod))
+    if not _may_reach_grad_tensor(score_mod):
+        return False
     with torch.enable_grad(), index_with_tensors():
         detached = [b.detach() if isinstance(b, Tensor) else b for b in buffers]
         result = score_mod(*mod_example_args(query), *detached)
