@@ -4,10 +4,12 @@ the argument; every input PyTorch accepts is computed. docs/guide.md's errors ta
 each case of BAD_INPUTS by name; PyTorch's own flex_attention is called only as a
 reference for what it accepts (ACCEPTED_INPUTS).
 
-Each case runs eagerly and inside a function compiled for the CPU (Dynamo traces the
-checks; they fail at trace time, before a kernel is built).
+Each case runs eagerly and inside a compiled function (Dynamo traces the checks; they fail
+at trace time, before a kernel is built), on the CPU or on the device that
+``INDUCTOR_FLEX_BAD_INPUT_DEVICE`` names.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -16,10 +18,11 @@ import torch.nn.attention.flex_attention as torch_flex
 
 from inductor_flex import AuxRequest, create_block_mask, create_mask, flex_attention
 
-CPU = "cpu"
+# The GPU run: INDUCTOR_FLEX_BAD_INPUT_DEVICE=cuda (compiled cases then build CUDA kernels).
+DEVICE = os.environ.get("INDUCTOR_FLEX_BAD_INPUT_DEVICE", "cpu")
 
 
-def tensor(*shape, dtype=torch.float32, device=CPU):
+def tensor(*shape, dtype=torch.float32, device=DEVICE):
     generator = torch.Generator().manual_seed(sum(shape) + len(shape))
     return torch.randn(*shape, generator=generator).to(dtype=dtype, device=device)
 
@@ -32,7 +35,7 @@ def causal(b, h, q_idx, kv_idx):
     return q_idx >= kv_idx
 
 
-def mask(q_len=64, kv_len=64, B=None, H=None, device=CPU, mask_mod=causal):
+def mask(q_len=64, kv_len=64, B=None, H=None, device=DEVICE, mask_mod=causal):
     return create_block_mask(mask_mod, B, H, q_len, kv_len, device=device)
 
 
@@ -98,7 +101,7 @@ BAD_INPUTS = {
                               "mask_mod must be a callable"),
     "mask_mod_takes_five_arguments": (lambda: attend(Q, Q, Q, block_mask=mask(mask_mod=lambda s, b, h, q, kv: s)),
                                       ValueError, "looks like a score_mod"),
-    "block_size_zero": (lambda: attend(Q, Q, Q, block_mask=create_block_mask(causal, None, None, 64, 64, CPU, 0)),
+    "block_size_zero": (lambda: attend(Q, Q, Q, block_mask=create_block_mask(causal, None, None, 64, 64, DEVICE, 0)),
                         ValueError, "BLOCK_SIZE entries must be positive"),
 }
 
@@ -162,7 +165,7 @@ def test_inputs_pytorch_accepts_are_computed(case):
 def test_pytorch_rejects_a_non_boolean_mask_mod_too():
     """The reference for mask_mod_returns_int: PyTorch's create_block_mask refuses it."""
     with pytest.raises(AssertionError, match="torch.bool"):
-        torch_flex.create_block_mask(lambda b, h, q, kv: (q >= kv).int(), None, None, 64, 64, device=CPU)
+        torch_flex.create_block_mask(lambda b, h, q, kv: (q >= kv).int(), None, None, 64, 64, device=DEVICE)
 
 
 @pytest.mark.parametrize("result", [lambda q, kv: (q >= kv).int(), lambda q, kv: (q >= kv).float(),
@@ -174,10 +177,10 @@ def test_mask_mod_returning_non_boolean_is_an_error_everywhere(result):
         return result(q_idx, kv_idx)
 
     with pytest.raises(ValueError, match="must return a bool tensor"):
-        create_mask(not_boolean, None, None, 64, 64, device=CPU)
+        create_mask(not_boolean, None, None, 64, 64, device=DEVICE)
     with pytest.raises(ValueError, match="must return a bool tensor"):
-        create_block_mask(not_boolean, None, None, 64, 64, device=CPU)
-    block_mask = create_block_mask(causal, None, None, 64, 64, device=CPU, BLOCK_SIZE=16)
+        create_block_mask(not_boolean, None, None, 64, 64, device=DEVICE)
+    block_mask = create_block_mask(causal, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=16)
     block_mask.mask_mod = not_boolean
     with pytest.raises(ValueError, match="must return a bool tensor"):
         flex_attention(Q, Q, Q, block_mask=block_mask)
@@ -197,7 +200,7 @@ def test_eager_runs_each_mod_once_per_use():
         calls["mask_mod"] += 1
         return q_idx >= kv_idx
 
-    block_mask = create_block_mask(counted_mask_mod, None, None, 64, 64, device=CPU, BLOCK_SIZE=16)
+    block_mask = create_block_mask(counted_mask_mod, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=16)
     assert calls == {"score_mod": 0, "mask_mod": 1}
     query = Q.clone().requires_grad_()
     for grad_mode, inputs in ((torch.no_grad, Q), (torch.enable_grad, Q), (torch.enable_grad, query)):
