@@ -1,8 +1,9 @@
 """Block lists, the block mask's storage: per row of blocks, ``num_blocks`` counts the
 first entries of ``indices`` that are listed (in increasing order); later entries are
 ignored, whatever they hold. One implementation for BlockMask (block_mask.py) and the dense
-reference's keep mask (ops/dense.py)."""
-from typing import Tuple
+reference's keep mask (ops/dense.py); ``OperatorBlockMask`` names the fields of the tuple
+the operators take."""
+from typing import Any, Callable, NamedTuple, Tuple
 
 import torch
 from torch import Tensor
@@ -40,3 +41,28 @@ def transpose_listed(num_blocks: Tensor, indices: Tensor) -> Tuple[Tensor, Tenso
     """The same relation listed from the other side (KV blocks -> query blocks, or back)."""
     dense = listed_to_dense(num_blocks, indices, indices.shape[-1])
     return dense_to_listed(dense.transpose(-2, -1))
+
+
+class OperatorBlockMask(NamedTuple):
+    """The block mask as the attention operators take it (docs/internals.md, "The block
+    mask tuple"): lengths, the eight block lists, the sparse block sizes, the mask_mod.
+
+    Operators receive and pass on a plain tuple (what tracing, pytree and FX carry); code
+    that reads it wraps it, ``OperatorBlockMask(*block_mask)``, and reads fields by name."""
+    q_len: Any
+    kv_len: Any
+    kv_num_blocks: Any
+    kv_indices: Any
+    full_kv_num_blocks: Any
+    full_kv_indices: Any
+    q_num_blocks: Any
+    q_indices: Any
+    full_q_num_blocks: Any
+    full_q_indices: Any
+    q_block_size: Any
+    kv_block_size: Any
+    mask_mod: Callable
+
+    def with_mask_mod(self, mask_mod: Callable) -> tuple:
+        """The plain operator tuple with ``mask_mod`` in place of this one's."""
+        return tuple(self._replace(mask_mod=mask_mod))

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from . import _compat
+from ._block_lists import OperatorBlockMask
 from ._mods import identity_score_mod
 from .block_mask import BlockMask, _DEFAULT_SPARSE_BLOCK_SIZE, noop_mask
 from .lowering.options import check_backend
@@ -193,8 +194,10 @@ def _as_our_block_mask(block_mask) -> BlockMask:
 
 
 def _validate_block_mask(block_mask: BlockMask, query: Tensor, key: Tensor) -> None:
-    (q_len_mask, kv_len_mask, kv_num_blocks, kv_indices, *_rest,
-     q_block, kv_block, _mask_mod) = block_mask.operator_tuple()
+    mask = OperatorBlockMask(*block_mask.operator_tuple())
+    q_len_mask, kv_len_mask = mask.q_len, mask.kv_len
+    kv_num_blocks, kv_indices = mask.kv_num_blocks, mask.kv_indices
+    q_block, kv_block = mask.q_block_size, mask.kv_block_size
     batch, q_heads, q_len, _ = query.shape
     kv_len = key.shape[2]
     if q_len != q_len_mask or kv_len != kv_len_mask:
@@ -414,7 +417,8 @@ def flex_attention(
     block_mask_tuple = block_mask.operator_tuple()
     if DEBUG_MODS and not torch.compiler.is_compiling():
         score_mod = _one_position_at_a_time(score_mod)
-        block_mask_tuple = block_mask_tuple[:-1] + (_one_position_at_a_time(block_mask_tuple[-1]),)
+        operator_mask = OperatorBlockMask(*block_mask_tuple)
+        block_mask_tuple = operator_mask.with_mask_mod(_one_position_at_a_time(operator_mask.mask_mod))
 
     out, lse, max_scores = inductor_flex_attention(query, key, value, score_mod, block_mask_tuple,
                                                    scale, options, (), ())

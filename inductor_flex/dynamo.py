@@ -7,7 +7,7 @@ the callable closes over into an explicit trailing input of that subgraph, and e
 single graph node::
 
     inductor_flex_attention(query, key, value, score_mod_graph,
-                            (*block_mask[:-1], mask_mod_graph), scale, kernel_options,
+                            block_mask.with_mask_mod(mask_mod_graph), scale, kernel_options,
                             score_mod_other_buffers, mask_mod_other_buffers)
 
 with the argument order of docs/internals.md. Guards on whatever Python state the mods
@@ -37,6 +37,7 @@ import torch
 import torch.fx
 
 from inductor_flex import _compat
+from inductor_flex._block_lists import OperatorBlockMask
 from inductor_flex._indexing import getitem_with_index_tensors, index_with_tensors, tensor_index_parts
 from inductor_flex._mods import identity_score_mod
 from inductor_flex.block_mask import noop_mask
@@ -61,11 +62,11 @@ _OPERATOR_PARAMETERS = (
     "mask_mod_other_buffers",
 )
 _OPTIONAL_PARAMETERS = ("score_mod_other_buffers", "mask_mod_other_buffers")
-_BLOCK_MASK_TUPLE_LENGTH = 13
-# Q_BLOCK_SIZE and KV_BLOCK_SIZE in the block mask tuple: they fix the kernels' tile
-# shapes, so the graph must carry them as ints even where Dynamo made them symbolic (it
-# does for ints read from a BlockMask input under dynamic=True).
-_BLOCK_SIZE_POSITIONS = (10, 11)
+_BLOCK_MASK_TUPLE_LENGTH = len(OperatorBlockMask._fields)
+# The sparse block sizes fix the kernels' tile shapes, so the graph must carry them as ints
+# even where Dynamo made them symbolic (it does for ints read from a BlockMask input under
+# dynamic=True).
+_SPECIALIZED_FIELDS = ("q_block_size", "kv_block_size")
 
 
 def _example_value(arg: Any) -> Any:
@@ -160,7 +161,8 @@ class InductorFlexAttentionVariable(_hop_variables.TorchHigherOrderOperatorVaria
             tx, bound.get("mask_mod_other_buffers"), "mask_mod_other_buffers")
 
         score_mod = self._callable_or_default(tx, bound["score_mod"], identity_score_mod)
-        mask_mod = self._callable_or_default(tx, block_mask_items[-1], noop_mask)
+        block_mask_items = OperatorBlockMask(*block_mask_items)
+        mask_mod = self._callable_or_default(tx, block_mask_items.mask_mod, noop_mask)
 
         score_examples, index_examples = self._example_inputs(tx, query)
         score_mod_node, score_buffers = self._capture_mod(
@@ -169,9 +171,10 @@ class InductorFlexAttentionVariable(_hop_variables.TorchHigherOrderOperatorVaria
         mask_mod_node, mask_buffers = self._capture_mod(
             tx, mask_mod, list(index_examples), given_mask_buffers, "mask_mod")
 
-        block_mask_proxies = tuple(
-            _as_proxy(_specialized(item) if position in _BLOCK_SIZE_POSITIONS else item)
-            for position, item in enumerate(block_mask_items[:-1]))
+        block_mask_proxies = OperatorBlockMask(**{
+            field: _as_proxy(_specialized(item) if field in _SPECIALIZED_FIELDS else item)
+            for field, item in block_mask_items._asdict().items() if field != "mask_mod"},
+            mask_mod=mask_mod_node)
         kernel_options = bound["kernel_options"]
         if kernel_options.is_python_constant():
             kernel_options_arg = kernel_options.as_python_constant()
@@ -185,7 +188,7 @@ class InductorFlexAttentionVariable(_hop_variables.TorchHigherOrderOperatorVaria
             _as_proxy(bound["key"]),
             _as_proxy(bound["value"]),
             score_mod_node,
-            block_mask_proxies + (mask_mod_node,),
+            tuple(block_mask_proxies),
             _as_proxy(bound["scale"]),
             kernel_options_arg,
             tuple(score_buffers),

@@ -25,6 +25,8 @@ from torch._inductor import ir
 from torch._inductor.utils import sympy_product
 from torch._inductor.virtualized import V
 
+from inductor_flex._block_lists import OperatorBlockMask
+
 from .common import (
     LOG2E,
     approximate_tanh,
@@ -143,9 +145,12 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     not apply)."""
     options = PassOptions(kernel_options, BACKWARD)
     kernel_options = dict(kernel_options or {})
-    (_q_len, _kv_len, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-     q_num_blocks, q_indices, full_q_num_blocks, full_q_indices,
-     sparse_q_block, sparse_kv_block, mask_mod) = block_mask
+    mask = OperatorBlockMask(*block_mask)
+    kv_num_blocks, kv_indices = mask.kv_num_blocks, mask.kv_indices
+    full_kv_num_blocks, full_kv_indices = mask.full_kv_num_blocks, mask.full_kv_indices
+    q_num_blocks, q_indices = mask.q_num_blocks, mask.q_indices
+    full_q_num_blocks, full_q_indices = mask.full_q_num_blocks, mask.full_q_indices
+    sparse_q_block, sparse_kv_block, mask_mod = mask.q_block_size, mask.kv_block_size, mask.mask_mod
 
     problem = attention_problem(query, key, value, (fw_graph, joint_graph, mask_mod),
                                 sparse_q_block, sparse_kv_block, scale,

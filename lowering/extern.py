@@ -43,6 +43,7 @@ import torch.fx
 from torch import Tensor
 from torch.fx.graph import _custom_builtins
 
+from inductor_flex._block_lists import OperatorBlockMask
 from inductor_flex._mods import batchable
 from inductor_flex.ops.backward import (
     in_layouts_of_inputs,
@@ -373,11 +374,10 @@ def _fallback(op):
 
 
 def _block_mask_args(block_mask: Sequence) -> tuple:
-    (_, _, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-     _, _, _, _, q_block_size, kv_block_size, mask_mod) = block_mask
+    mask = OperatorBlockMask(*block_mask)
     # Block sizes may be symbolic under dynamic shapes; the op takes them as SymInts.
-    return (kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-            q_block_size, kv_block_size), mask_mod
+    return (mask.kv_num_blocks, mask.kv_indices, mask.full_kv_num_blocks, mask.full_kv_indices,
+            mask.q_block_size, mask.kv_block_size), mask.mask_mod
 
 
 def lower_forward_extern(query, key, value, score_mod, block_mask, scale, kernel_options,

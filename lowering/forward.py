@@ -19,6 +19,8 @@ import torch
 from torch._inductor import config as inductor_config
 from torch._inductor import ir
 
+from inductor_flex._block_lists import OperatorBlockMask
+
 from .common import (
     LOG2E,
     approximate_tanh,
@@ -71,9 +73,10 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     not apply)."""
     options = PassOptions(kernel_options, FORWARD)
     kernel_options = dict(kernel_options or {})
-    (q_len_arg, kv_len_arg, kv_num_blocks, kv_indices, full_kv_num_blocks, full_kv_indices,
-     _q_num_blocks, _q_indices, _full_q_num_blocks, _full_q_indices,
-     sparse_q_block, sparse_kv_block, mask_mod) = block_mask
+    mask = OperatorBlockMask(*block_mask)
+    kv_num_blocks, kv_indices = mask.kv_num_blocks, mask.kv_indices
+    full_kv_num_blocks, full_kv_indices = mask.full_kv_num_blocks, mask.full_kv_indices
+    sparse_q_block, sparse_kv_block, mask_mod = mask.q_block_size, mask.kv_block_size, mask.mask_mod
 
     problem = attention_problem(query, key, value, (score_mod, mask_mod), sparse_q_block,
                                 sparse_kv_block, scale,

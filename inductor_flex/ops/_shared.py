@@ -13,6 +13,7 @@ from torch._higher_order_ops.utils import (
 )
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode
 
+from inductor_flex._block_lists import OperatorBlockMask
 from inductor_flex._indexing import index_with_tensors
 
 # Names of the submodules the proxy registration adds to a traced graph.
@@ -69,7 +70,7 @@ def trace_mods_into(mode: ProxyTorchDispatchMode, query: Tensor, score_mod: Call
     _, score_graph = trace_mod_into(mode, score_mod,
                                     mod_example_args(query) + list(score_mod_other_buffers),
                                     score_prefix)
-    _, mask_graph = trace_mod_into(mode, block_mask[-1],
+    _, mask_graph = trace_mod_into(mode, OperatorBlockMask(*block_mask).mask_mod,
                                    mod_example_args(query, with_score=False) + list(mask_mod_other_buffers),
                                    MASK_MOD_PREFIX)
     return score_graph, replace_mask_mod(block_mask, mask_graph)
@@ -90,8 +91,8 @@ def check_mod_is_pure(mod: Callable, mod_name: str, example_args: Sequence[Any],
 
 
 def replace_mask_mod(block_mask: tuple, mask_mod: Callable) -> tuple:
-    """The block mask tuple with its last element (the mask_mod) replaced."""
-    return tuple(block_mask[:-1]) + (mask_mod,)
+    """The plain operator block mask tuple with its mask_mod replaced."""
+    return OperatorBlockMask(*block_mask).with_mask_mod(mask_mod)
 
 
 def functionalize_mod(ctx, mod: Callable) -> Callable:
@@ -124,7 +125,7 @@ def unwrap_and_check_mods(ctx, query, score_mod, block_mask, score_mod_other_buf
         pre_dispatch = _is_functionalizing_pre_dispatch(ctx)
         check_mod_is_pure(score_mod, "score_mod",
                           mod_example_args(query) + list(score_mod_other_buffers), pre_dispatch)
-        check_mod_is_pure(block_mask[-1], "mask_mod",
+        check_mod_is_pure(OperatorBlockMask(*block_mask).mask_mod, "mask_mod",
                           mod_example_args(query, with_score=False) + list(mask_mod_other_buffers),
                           pre_dispatch)
     return block_mask, score_mod_other_buffers, mask_mod_other_buffers

@@ -26,6 +26,7 @@ from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_ten
 from inductor_flex._indexing import index_with_tensors
 from inductor_flex._mods import batchable
 
+from .._block_lists import OperatorBlockMask
 from ._shared import (
     empty_in_layout_of,
     functionalize_mod,
@@ -255,7 +256,7 @@ def _backward_functionalize(ctx, query, key, value, out, logsumexp, grad_out, gr
         (query, key, value, out, logsumexp, grad_out, grad_logsumexp))
     block_mask, score_mod_other_buffers, mask_mod_other_buffers = unwrap_and_check_mods(
         ctx, query, fw_graph, block_mask, score_mod_other_buffers, mask_mod_other_buffers)
-    mask_mod = block_mask[-1]
+    mask_mod = OperatorBlockMask(*block_mask).mask_mod
     with ctx.redispatch_to_next():
         # The joint graph may write into tensors it created itself (a zero-filled gradient
         # it scatters into); functionalizing it turns those writes into pure ops.

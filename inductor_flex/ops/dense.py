@@ -32,7 +32,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .._block_lists import listed_to_dense
+from .._block_lists import OperatorBlockMask, listed_to_dense
 from .._mods import mask_mod_grid, score_mod_at, score_mod_grid
 from ._shared import empty_in_layout_of  # the fake registrations use it too: strides agree
 
@@ -122,9 +122,11 @@ class _Problem:
         self.score_mod = score_mod
         self.score_mod_buffers = tuple(score_mod_buffers)
         self.mask_mod_buffers = tuple(mask_mod_buffers)
-        (_, _, self.kv_num_blocks, self.kv_indices, self.full_kv_num_blocks,
-         self.full_kv_indices, _, _, _, _, self.q_block_size, self.kv_block_size,
-         self.mask_mod) = block_mask
+        mask = OperatorBlockMask(*block_mask)
+        self.kv_num_blocks, self.kv_indices = mask.kv_num_blocks, mask.kv_indices
+        self.full_kv_num_blocks, self.full_kv_indices = mask.full_kv_num_blocks, mask.full_kv_indices
+        self.q_block_size, self.kv_block_size = mask.q_block_size, mask.kv_block_size
+        self.mask_mod = mask.mask_mod
         self.q_len, self.kv_len = q_len, kv_len
         self.batch_idx = torch.arange(batch, device=self.device)
         self.head_idx = torch.arange(q_heads, device=self.device)

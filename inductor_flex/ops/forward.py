@@ -25,6 +25,7 @@ from torch._higher_order_ops.utils import register_fake
 from torch._ops import HigherOrderOperator
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
 
+from .._block_lists import OperatorBlockMask
 from ._shared import (
     SCORE_MOD_PREFIX,
     empty_in_layout_of,
@@ -97,7 +98,7 @@ def _forward_functionalize(ctx, query, key, value, score_mod, block_mask, scale,
     query, key, value = ctx.unwrap_tensors((query, key, value))
     block_mask, score_mod_other_buffers, mask_mod_other_buffers = unwrap_and_check_mods(
         ctx, query, score_mod, block_mask, score_mod_other_buffers, mask_mod_other_buffers)
-    mask_mod = block_mask[-1]
+    mask_mod = OperatorBlockMask(*block_mask).mask_mod
     with ctx.redispatch_to_next():
         outputs = inductor_flex_attention(
             query, key, value, functionalize_mod(ctx, score_mod),
