@@ -252,22 +252,20 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
     lists: one row of counts per side, and index rows that are expanded (stride-0) views of
     one ``arange``, so it costs O(number of blocks) memory and time.
 
-    Each side has one spare block row and one spare index column that no count reaches.
-    They keep every size provably above 1, so under dynamic shapes the stride-0 views
-    raise no "is this size 1?" guard, which would recompile each time a length crosses
-    one block (128). The spare column repeats the last block, so even a reader that walks
-    every column (autotuning's generated inputs) stays in bounds.
+    Under dynamic shapes the stride-0 views guard on whether a block count is 1, so a
+    length crossing one block (128) recompiles once (issue #16 section 4, open: a variant
+    with a spare row and column avoided the guard on CPU but gave wrong results in the
+    fused CUDA forward, 2026-12-03).
     """
     block = _DEFAULT_SPARSE_BLOCK_SIZE
     q_blocks = -(-q_len // block)
     kv_blocks = -(-kv_len // block)
 
     def side(rows: int, cols: int):
-        no_partial = torch.zeros((1, 1, rows + 1), dtype=torch.int32, device=device)
-        unused = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device).expand(1, 1, rows + 1, 1)
-        all_full = torch.full((1, 1, rows + 1), cols, dtype=torch.int32, device=device)
-        columns = torch.arange(cols + 1, dtype=torch.int32, device=device).clamp(max=cols - 1).clamp(min=0)
-        every_block = columns.expand(1, 1, rows + 1, cols + 1)
+        no_partial = torch.zeros((1, 1, rows), dtype=torch.int32, device=device)
+        unused = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device).expand(1, 1, rows, cols)
+        all_full = torch.full((1, 1, rows), cols, dtype=torch.int32, device=device)
+        every_block = torch.arange(cols, dtype=torch.int32, device=device).expand(1, 1, rows, cols)
         return no_partial, unused, all_full, every_block
 
     kv_num, kv_idx, full_kv_num, full_kv_idx = side(q_blocks, kv_blocks)

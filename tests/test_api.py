@@ -224,11 +224,10 @@ def test_defaults_reaching_the_operator(operator_calls):
     q_len, kv_len, kv_num, kv_idx, full_num, full_idx, q_num, q_idx, full_q_num, full_q_idx, qb, kb, mask_mod = block_mask
     assert (q_len, kv_len, qb, kb) == (300, 200, 128, 128)
     # Every KV block is full for every query block (and vice versa); nothing is partial.
-    # One spare row and index column per side (see _full_block_mask), never counted.
-    assert kv_num.tolist() == [[[0, 0, 0, 0]]] and full_num.tolist() == [[[2, 2, 2, 2]]]
-    assert full_idx.shape == (1, 1, 4, 3) and full_idx[0, 0, :, :2].tolist() == [[0, 1]] * 4
-    assert q_num.tolist() == [[[0, 0, 0]]] and full_q_num.tolist() == [[[3, 3, 3]]]
-    assert full_q_idx[0, 0, :, :3].tolist() == [[0, 1, 2]] * 3 and kv_idx.shape == (1, 1, 4, 1)
+    assert kv_num.tolist() == [[[0, 0, 0]]] and full_num.tolist() == [[[2, 2, 2]]]
+    assert full_idx.shape == (1, 1, 3, 2) and full_idx[0, 0, :, :2].tolist() == [[0, 1]] * 3
+    assert q_num.tolist() == [[[0, 0]]] and full_q_num.tolist() == [[[3, 3]]]
+    assert full_q_idx[0, 0].tolist() == [[0, 1, 2]] * 2 and kv_idx.shape == (1, 1, 3, 2)
 
 
 def test_explicit_scale_reaches_the_operator(operator_calls):

@@ -216,9 +216,9 @@ def test_eager_runs_each_mod_once_per_use():
 def test_captured_tensor_needing_grad_is_still_found():
     """The probe is skipped only when provably unneeded: a learned bias reached through a
     closure, a global-like container or a module attribute still gets its gradient."""
-    bias = torch.zeros(4, requires_grad=True)
+    bias = torch.zeros(4, device=DEVICE, requires_grad=True)
     holder = {"bias": bias}
-    module = torch.nn.Linear(1, 4)
+    module = torch.nn.Linear(1, 4, device=DEVICE)
 
     mods = [lambda s, b, h, q, kv: s + bias[h],
             lambda s, b, h, q, kv: s + holder["bias"][h],
