@@ -25,7 +25,10 @@ setup(
     },
     package_data={"inductor_flex.templates": ["*.py.jinja"]},
     install_requires=["torch>=2.11", "jinja2", "sympy"],
-    extras_require={"test": ["pytest", "expecttest", "hypothesis", "numpy"]},
+    extras_require={
+        "test": ["pytest", "expecttest", "hypothesis", "numpy", "matplotlib"],
+        "pictures": ["matplotlib"],  # inductor_flex.visualize, the bench command's --plot
+    },
     entry_points={
         "torch_dynamo_backends": ["inductor_flex = inductor_flex.backend:inductor_flex_backend"],
     },
