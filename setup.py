@@ -31,5 +31,6 @@ setup(
     },
     entry_points={
         "torch_dynamo_backends": ["inductor_flex = inductor_flex.backend:inductor_flex_backend"],
+        "console_scripts": ["inductor-flex-bench = inductor_flex.bench:main"],
     },
 )

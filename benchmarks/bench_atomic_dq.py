@@ -28,7 +28,6 @@ Triton's host-side tensor descriptors.
 """
 import argparse
 import json
-import os
 import sys
 
 import torch
@@ -39,9 +38,7 @@ try:
 except ImportError:  # the CPU wheel of torch comes without Triton
     sys.exit("bench_atomic_dq.py needs Triton and a CUDA GPU")
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_backward import allow_retained_backward, bench_ms, leaf_inputs  # noqa: E402
-from bench_forward import SHAPES  # noqa: E402
+from inductor_flex.bench import SHAPES, allow_retained_backward, bench_ms, leaf_inputs  # noqa: E402
 
 DEFAULT_VARIANTS = (
     '{"BM": 64, "BN": 128, "W": 8, "ST": 2, "TMA": 1}',

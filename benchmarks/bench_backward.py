@@ -30,106 +30,34 @@ count. A compact table is printed last; ``--json`` saves every number.
 
     python benchmarks/bench_backward.py --shapes big --masks full,causal --no-memory
     python benchmarks/bench_backward.py --shapes "" --memory      # the memory table only
+
+Shapes, masks, inputs, timing and table printing come from ``inductor_flex.bench`` (the
+``python -m inductor_flex.bench`` command), shared with the other benchmarks.
 """
 import argparse
 import functools
 import gc
 import importlib
 import json
-import os
 import sys
-import time
 
 import torch
-import torch._functorch.config
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_forward import (  # noqa: E402
-    MASKS, MODES, SHAPES, causal, first_call, make_case, print_markdown)
+from inductor_flex.bench import (
+    BACKWARD_WORK, DENSE_MASK_MAX_ELEMENTS, FORWARD_BACKWARD_WORK, MASKS, MODES, SHAPES,
+    allow_retained_backward, backward_ms, bench_ms, causal, cell, compile_flex, first_call,
+    forward_backward_ms, forward_flops, free_device_memory, leaf_inputs, log, make_case,
+    one_line, print_markdown, sdpa_forwards)
 
-# Work of the backward (five matmuls of the forward's size against two) and of the pair,
-# in units of the forward's FLOPs.
-BACKWARD_WORK = 2.5
-FORWARD_BACKWARD_WORK = 3.5
 MEMORY_SHAPE = dict(B=1, H=16, S=32768, D=128)
-# The efficient kernel turns a bool [S, S] mask into a bf16 bias; beyond 16384^2 entries
-# that alone is half a GiB, so larger dense masks are skipped.
-DENSE_MASK_MAX_ELEMENTS = 16384 * 16384
-# A call slower than this is timed once instead of by do_bench (see bench_unless_slow).
-SLOW_CALL_S = 1.0
 GRAD_NAMES = ("out", "dq", "dk", "dv")
-
-_START = time.perf_counter()
-
-
-def log(message):
-    print(f"[{time.perf_counter() - _START:7.1f}s] {message}", flush=True)
-
-
-def _one_line(error):
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
-
-
-def _free_device_memory(device):
-    gc.collect()
-    if device == "cuda":
-        torch.cuda.empty_cache()
-
-
-def allow_retained_backward():
-    """Let a compiled backward run several times on one graph (``retain_graph=True``).
-
-    AOTAutograd otherwise lets the backward reuse ("donate") saved forward buffers, which
-    forbids running it twice. Must be set before compiling."""
-    torch._functorch.config.donated_buffer = False
 
 
 # ---------------------------------------------------------------------------------------
 # Measurement
 # ---------------------------------------------------------------------------------------
-
-def bench_ms(fn, warmup=25, rep=100):
-    """Median milliseconds of ``fn()`` by ``triton.testing.do_bench``."""
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=warmup, rep=rep, return_mode="median")
-
-
-def leaf_inputs(shape, device, seed=0):
-    """q, k, v (bf16 leaves that require grad) and grad_out, all ``[B, H, S, D]``.
-
-    q, k, v are drawn as in ``bench_forward.run_case``, so both benchmarks see the same data."""
-    B, H, S, D = shape["B"], shape["H"], shape["S"], shape["D"]
-    generator = torch.Generator(device=device).manual_seed(seed)
-    q, k, v, grad_out = (torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16,
-                                     generator=generator) for _ in range(4))
-    return (q.requires_grad_(), k.requires_grad_(), v.requires_grad_()), grad_out
-
-
-def bench_unless_slow(fn, bench):
-    """Milliseconds of ``fn()`` by ``bench``, or of one call where that call alone takes
-    over SLOW_CALL_S (an unfused fallback), so that such a case cannot eat the run's time."""
-    _, seconds = first_call(fn)
-    if seconds > SLOW_CALL_S:
-        log(f"one call takes {seconds:.1f} s: timed once, not by do_bench")
-        return seconds * 1e3
-    return bench(fn)
-
-
-def backward_ms(forward, inputs, grad_out, bench):
-    """Milliseconds of the backward alone: one forward, then its gradients per iteration."""
-    out = forward()
-    return bench_unless_slow(
-        lambda: torch.autograd.grad(out, inputs, grad_out, retain_graph=True), bench)
-
-
-def forward_backward_ms(forward, inputs, grad_out, bench):
-    """Milliseconds of a fresh forward and its gradients per iteration."""
-    return bench_unless_slow(lambda: torch.autograd.grad(forward(), inputs, grad_out), bench)
-
 
 def measure_library(flex, block_mask, options, score_mod, inputs, grad_out, mode, bench,
                     keep_results):
@@ -137,7 +65,7 @@ def measure_library(flex, block_mask, options, score_mod, inputs, grad_out, mode
 
     Returns (compile seconds, backward ms, forward+backward ms, first-call
     (out, dq, dk, dv) detached, or None unless ``keep_results``)."""
-    compiled = torch.compile(flex, mode=MODES[mode])
+    compiled = compile_flex(flex, mode)
     q, k, v = inputs
 
     def forward():
@@ -163,26 +91,6 @@ def compare(ours, reference):
             for name, a, b in zip(GRAD_NAMES, ours, reference)}
 
 
-def sdpa_forwards(mask_name, score_mod, dense, q, k, v):
-    """{name: forward callable} of the SDPA kernels that can compute this case."""
-    if score_mod is not None:
-        return {}
-    forwards = {}
-    if mask_name in ("full", "causal"):
-        for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION),
-                              ("flash", SDPBackend.FLASH_ATTENTION)):
-            def forward(backend=backend):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=mask_name == "causal")
-            forwards[name] = forward
-    if dense is not None and dense.numel() <= DENSE_MASK_MAX_ELEMENTS:
-        def forward():
-            with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-        forwards["dense"] = forward
-    return forwards
-
-
 def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_options=None,
              device="cuda"):
     """Every measurement of one shape and mask, as a dict of numbers (and error strings)."""
@@ -194,7 +102,7 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
     B, H, S, D = shape["B"], shape["H"], shape["S"], shape["D"]
     inputs, grad_out = leaf_inputs(shape, device)
     score_mod, mask_mod, dense, density = make_case(mask_name, shape, device)
-    flops = 4 * B * H * S * S * D * density
+    flops = forward_flops(shape, density)
     row = dict(shape=shape_name, mask=mask_name, B=B, H=H, S=S, D=D, density=density)
     tag = f"{shape_name} {mask_name}"
 
@@ -215,9 +123,9 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
                     module.flex_attention, block_masks[lib], options, score_mod, inputs, grad_out,
                     mode, bench, keep_results=check)
             except Exception as error:  # keep going: the other library's numbers still count
-                row[f"{key}_error"] = _one_line(error)
-                log(f"{tag} {lib} {mode} failed: {_one_line(error)}")
-                _free_device_memory(device)
+                row[f"{key}_error"] = one_line(error)
+                log(f"{tag} {lib} {mode} failed: {one_line(error)}")
+                free_device_memory(device)
                 continue
             if first is not None:
                 firsts[lib] = first
@@ -248,9 +156,9 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
             try:
                 ms = backward_ms(forward, inputs, grad_out, bench)
             except Exception as error:
-                row[f"sdpa_{name}_error"] = _one_line(error)
-                log(f"{tag} sdpa {name} failed: {_one_line(error)}")
-                _free_device_memory(device)
+                row[f"sdpa_{name}_error"] = one_line(error)
+                log(f"{tag} sdpa {name} failed: {one_line(error)}")
+                free_device_memory(device)
                 continue
             row[f"sdpa_{name}_bwd_ms"] = ms
             row[f"sdpa_{name}_bwd_tflops"] = BACKWARD_WORK * flops / ms / 1e9
@@ -275,7 +183,7 @@ def measure_peak_memory(impl, mode, device="cuda"):
             from torch.nn.attention import flex_attention as module
         block_mask = module.create_block_mask(causal, None, None, S, S, device=device)
         torch._dynamo.reset()
-        compiled = torch.compile(module.flex_attention, mode=MODES[mode])
+        compiled = compile_flex(module.flex_attention, mode)
 
         def forward():
             return compiled(q, k, v, block_mask=block_mask)
@@ -312,9 +220,9 @@ def run_memory(impls, mode, device="cuda"):
             log(f"memory {impl}: peak {row['peak_mib']:.0f} MiB "
                 f"over {row['held_mib']:.0f} MiB held")
         except Exception as error:
-            row["error"] = _one_line(error)
-            log(f"memory {impl} failed: {_one_line(error)}")
-        _free_device_memory(device)
+            row["error"] = one_line(error)
+            log(f"memory {impl} failed: {one_line(error)}")
+        free_device_memory(device)
         rows.append(row)
     return rows
 
@@ -322,15 +230,6 @@ def run_memory(impls, mode, device="cuda"):
 # ---------------------------------------------------------------------------------------
 # Tables
 # ---------------------------------------------------------------------------------------
-
-def _cell(row, key, spec=".0f", error_keys=()):
-    """The number at ``key``; ``err`` where it failed; ``-`` where it does not apply."""
-    if key in row:
-        return format(row[key], spec)
-    if "error" in row or any(k in row for k in error_keys):
-        return "err"
-    return "-"
-
 
 def print_case_table(results, modes):
     headers = ["shape", "mask"]
@@ -346,17 +245,17 @@ def print_case_table(results, modes):
         for mode in modes:
             ours, pt = (f"ours_{mode}_error",), (f"pt_{mode}_error",)
             line += [
-                _cell(r, f"ours_{mode}_bwd_tflops", error_keys=ours),
-                _cell(r, f"pt_{mode}_bwd_tflops", error_keys=pt),
-                _cell(r, f"ratio_{mode}_bwd", ".2f", ours + pt),
-                _cell(r, f"ours_{mode}_fwdbwd_tflops", error_keys=ours),
-                _cell(r, f"pt_{mode}_fwdbwd_tflops", error_keys=pt),
-                _cell(r, f"ratio_{mode}_fwdbwd", ".2f", ours + pt),
-                f"{_cell(r, f'ours_{mode}_compile_s', '.1f', ours)}/"
-                f"{_cell(r, f'pt_{mode}_compile_s', '.1f', pt)}",
-                _cell(r, f"grad_maxdiff_{mode}", ".2g", ours + pt),
+                cell(r, f"ours_{mode}_bwd_tflops", error_keys=ours),
+                cell(r, f"pt_{mode}_bwd_tflops", error_keys=pt),
+                cell(r, f"ratio_{mode}_bwd", ".2f", ours + pt),
+                cell(r, f"ours_{mode}_fwdbwd_tflops", error_keys=ours),
+                cell(r, f"pt_{mode}_fwdbwd_tflops", error_keys=pt),
+                cell(r, f"ratio_{mode}_fwdbwd", ".2f", ours + pt),
+                f"{cell(r, f'ours_{mode}_compile_s', '.1f', ours)}/"
+                f"{cell(r, f'pt_{mode}_compile_s', '.1f', pt)}",
+                cell(r, f"grad_maxdiff_{mode}", ".2g", ours + pt),
             ]
-        line += [_cell(r, f"sdpa_{name}_bwd_tflops", error_keys=(f"sdpa_{name}_error",))
+        line += [cell(r, f"sdpa_{name}_bwd_tflops", error_keys=(f"sdpa_{name}_error",))
                  for name in ("cudnn", "flash", "dense")]
         rows.append(line)
     print_markdown(headers, rows)
@@ -369,7 +268,7 @@ def print_memory_table(rows):
           f"out + dq + dk + dv alone are "
           f"{4 * shape['B'] * shape['H'] * shape['S'] * shape['D'] * 2 / 2**20:.0f} MiB)")
     print_markdown(["impl", "mode", "peak MiB", "held before MiB"],
-                   [[r["impl"], r["mode"], _cell(r, "peak_mib"), _cell(r, "held_mib")]
+                   [[r["impl"], r["mode"], cell(r, "peak_mib"), cell(r, "held_mib")]
                     for r in rows])
 
 
@@ -448,11 +347,11 @@ def main(argv=None):
                 row = run_case(shape, mask, args.modes, args.baselines, bench,
                                check=not args.no_check, ours_options=args.ours_options)
             except Exception as error:  # keep going: one failure should not lose the table
-                log(f"{shape} {mask} failed: {_one_line(error)}")
-                row = dict(shape=shape, mask=mask, error=_one_line(error))
+                log(f"{shape} {mask} failed: {one_line(error)}")
+                row = dict(shape=shape, mask=mask, error=one_line(error))
             report["cases"].append(row)
             print(json.dumps(row), flush=True)
-            _free_device_memory("cuda")
+            free_device_memory("cuda")
             save()
 
     if args.memory:

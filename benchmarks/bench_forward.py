@@ -13,96 +13,23 @@ for masks that have one. TFLOP/s count only the unmasked work,
 function is reported too. A compact table is printed last; ``--json`` saves every number.
 
     python benchmarks/bench_forward.py --shapes big --masks full,causal --modes default
+
+Shapes, masks, inputs, timing and table printing come from ``inductor_flex.bench`` (the
+``python -m inductor_flex.bench`` command), shared with the other benchmarks.
 """
 import argparse
 import json
-import math
 import sys
-import time
 
 import torch
-import torch.nn.functional as F
 
-SHAPES = {
-    "big": dict(B=4, H=16, S=8192, D=128),
-    "small": dict(B=8, H=16, S=4096, D=64),
-}
-MASKS = ["full", "causal", "sliding_window", "prefix_lm", "document", "alibi_causal", "softcap_causal"]
-MODES = {"default": "default", "max-autotune": "max-autotune-no-cudagraphs"}
+from inductor_flex.bench import (
+    MASKS, MODES, SHAPES, bench_ms, compile_flex, first_call, forward_flops, leaf_inputs, make_case,
+    print_markdown, sdpa_forwards)
 
-
-# ---------------------------------------------------------------------------------------
-# Masks and score mods, written once for both libraries
-# ---------------------------------------------------------------------------------------
-
-def causal(b, h, q_idx, kv_idx):
-    return q_idx >= kv_idx
-
-
-def make_case(name, shape, device):
-    """(score_mod, mask_mod, dense bool mask [S, S] or None, density)."""
-    S, H = shape["S"], shape["H"]
-    score_mod = None
-    if name == "full":
-        mask_mod = None
-    elif name in ("causal", "alibi_causal", "softcap_causal"):
-        mask_mod = causal
-    elif name == "sliding_window":
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (q_idx >= kv_idx) & (q_idx - kv_idx < 1024)
-    elif name == "prefix_lm":
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (kv_idx < 2048) | (q_idx >= kv_idx)
-    elif name == "document":
-        gen = torch.Generator().manual_seed(0)
-        lengths, total = [], 0
-        while total < S:  # random document lengths between 256 and 2048 tokens
-            length = min(int(torch.randint(256, 2049, (1,), generator=gen)), S - total)
-            lengths.append(length)
-            total += length
-        doc_ids = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-        doc_ids = doc_ids.to(device=device, dtype=torch.int32)
-
-        def mask_mod(b, h, q_idx, kv_idx):
-            return (doc_ids[q_idx] == doc_ids[kv_idx]) & (q_idx >= kv_idx)
-    else:
-        raise KeyError(name)
-
-    if name == "alibi_causal":
-        slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, device=device, dtype=torch.float32) / H)
-
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return score + slopes[h] * (kv_idx - q_idx)
-    elif name == "softcap_causal":
-        def score_mod(score, b, h, q_idx, kv_idx):
-            return 30.0 * torch.tanh(score / 30.0)
-
-    dense = None
-    if mask_mod is not None:
-        q_idx = torch.arange(S, device=device)[:, None]
-        kv_idx = torch.arange(S, device=device)[None, :]
-        zero = torch.zeros((), dtype=torch.int32, device=device)
-        dense = mask_mod(zero, zero, q_idx, kv_idx)
-    density = 1.0 if dense is None else dense.float().mean().item()
-    return score_mod, mask_mod, dense, density
-
-
-# ---------------------------------------------------------------------------------------
-# Measurement
-# ---------------------------------------------------------------------------------------
 
 def bench(fn):
-    from triton.testing import do_bench
-
-    return do_bench(fn, warmup=50, rep=200, return_mode="median")
-
-
-def first_call(fn):
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = fn()
-    torch.cuda.synchronize()
-    return out, time.perf_counter() - start
+    return bench_ms(fn, warmup=50, rep=200)
 
 
 def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_options=None):
@@ -110,13 +37,11 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
     from torch.nn.attention import flex_attention as torch_flex
 
     shape = SHAPES[shape_name]
-    B, H, S, D = shape["B"], shape["H"], shape["S"], shape["D"]
+    S = shape["S"]
     device = "cuda"
-    gen = torch.Generator(device=device).manual_seed(0)
-    q, k, v = (torch.randn(B, H, S, D, device=device, dtype=torch.bfloat16, generator=gen)
-               for _ in range(3))
+    (q, k, v), _ = leaf_inputs(shape, device, requires_grad=False)
     score_mod, mask_mod, dense, density = make_case(mask_name, shape, device)
-    flops = 4 * B * H * S * S * D * density
+    flops = forward_flops(shape, density)
     row = dict(shape=shape_name, mask=mask_name, density=density)
 
     ours_mask = torch_mask = None
@@ -131,7 +56,7 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
                                       ("pt", torch_flex.flex_attention, torch_mask)):
             if lib == "pt" and "pt" not in baselines:
                 continue
-            compiled = torch.compile(flex, mode=MODES[mode])
+            compiled = compile_flex(flex, mode)
 
             options = ours_options if lib == "ours" else None
 
@@ -153,30 +78,13 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
         if f"pt_{mode}_ms" in row:
             row[f"ratio_{mode}"] = row[f"pt_{mode}_ms"] / row[f"ours_{mode}_ms"]
 
-    if "sdpa" in baselines and score_mod is None:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-
-        backends = []
-        if mask_name in ("full", "causal"):
-            backends = [("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION)]
-        for name, backend in backends:
-            def call(backend=backend):
-                with sdpa_kernel(backend):
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=mask_name == "causal")
+    if "sdpa" in baselines:
+        for name, call in sdpa_forwards(mask_name, score_mod, dense, q, k, v).items():
             try:
                 call()
                 row[f"sdpa_{name}_tflops"] = flops / bench(call) / 1e9
             except RuntimeError as error:
                 row[f"sdpa_{name}_error"] = str(error).splitlines()[0]
-        if dense is not None:
-            def call():
-                with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-                    return F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
-            try:
-                call()
-                row["sdpa_dense_tflops"] = flops / bench(call) / 1e9
-            except RuntimeError as error:
-                row["sdpa_dense_error"] = str(error).splitlines()[0]
     results.append(row)
     print(json.dumps(row), flush=True)
     del q, k, v, dense
@@ -222,10 +130,8 @@ def sweep(shapes, masks, option_sets):
     rows = []
     for shape_name in shapes:
         shape = SHAPES[shape_name]
-        B, H, S, D = shape["B"], shape["H"], shape["S"], shape["D"]
-        gen = torch.Generator(device="cuda").manual_seed(0)
-        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen)
-                   for _ in range(3))
+        S = shape["S"]
+        (q, k, v), _ = leaf_inputs(shape, "cuda", requires_grad=False)
         for mask_name in masks:
             score_mod, mask_mod, _, density = make_case(mask_name, shape, "cuda")
             block_mask = None if mask_mod is None else inductor_flex.create_block_mask(
@@ -240,7 +146,7 @@ def sweep(shapes, masks, option_sets):
                 try:
                     call()
                     ms = bench(call)
-                    tflops = 4 * B * H * S * S * D * density / ms / 1e9
+                    tflops = forward_flops(shape, density) / ms / 1e9
                 except Exception as error:
                     ms, tflops = float("nan"), float("nan")
                     print(f"# {options} failed: {type(error).__name__}: {str(error)[:200]}")
@@ -286,16 +192,6 @@ def main(argv=None):
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
     print_table(results, modes)
-
-
-def print_markdown(headers, rows):
-    """Print one table (headers, then rows of cells) with columns padded to align."""
-    widths = [max(len(str(x)) for x in col) for col in zip(headers, *rows)]
-    print()
-    print(" | ".join(str(h).ljust(w) for h, w in zip(headers, widths)))
-    print("-|-".join("-" * w for w in widths))
-    for line in rows:
-        print(" | ".join(str(x).ljust(w) for x, w in zip(line, widths)))
 
 
 if __name__ == "__main__":
