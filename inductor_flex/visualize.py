@@ -264,10 +264,11 @@ def attention_window(query: Tensor, key: Tensor, score_mod: Optional[Callable] =
 def plot_attention(query: Tensor, key: Tensor, path=None, *, score_mod: Optional[Callable] = None,
                    block_mask: Optional[BlockMask] = None, scale: Optional[float] = None,
                    batch: int = 0, head: int = 0, q_window=None, kv_window=None,
-                   probabilities: bool = True, title: Optional[str] = None,
-                   figsize=(5.6, 5.0), dpi: int = 100, ax=None):
+                   probabilities: bool = True, vmax: Optional[float] = None,
+                   title: Optional[str] = None, figsize=(5.6, 5.0), dpi: int = 100, ax=None):
     """Draw :func:`attention_window` as a heat map with a colour bar (masked positions
-    blank). Axes in tokens. Returns the Figure; saves a PNG at ``path`` when given."""
+    blank). ``vmax`` caps the colour scale (the first queries, which see few keys, would
+    otherwise take all of it). Axes in tokens. Returns the Figure; saves at ``path``."""
     values = attention_window(query, key, score_mod, block_mask, scale=scale, batch=batch,
                               head=head, q_window=q_window, kv_window=kv_window,
                               probabilities=probabilities)
@@ -281,9 +282,10 @@ def plot_attention(query: Tensor, key: Tensor, path=None, *, score_mod: Optional
     if not probabilities:
         shown = numpy.ma.masked_invalid(shown)  # -inf (masked) is drawn as background
     n_q, n_kv = shown.shape
-    image = ax.imshow(shown, cmap="viridis", interpolation="nearest", aspect="auto",
+    image = ax.imshow(shown, cmap="viridis", interpolation="nearest", aspect="auto", vmax=vmax,
                       extent=(kv_start, kv_start + n_kv, q_start + n_q, q_start))
-    figure.colorbar(image, ax=ax, label="probability" if probabilities else "score")
+    figure.colorbar(image, ax=ax, label="probability" if probabilities else "score",
+                    extend="neither" if vmax is None else "max")
     ax.set_xlabel("key token")
     ax.set_ylabel("query token")
     what = "probabilities" if probabilities else "scores"

@@ -2,6 +2,7 @@
 truths, the PNGs read back (size, colours at sampled blocks, content), the optional
 matplotlib import and the errors for bad inputs."""
 import ast
+import importlib.util
 import math
 import pathlib
 import subprocess
@@ -187,3 +188,19 @@ def test_matplotlib_and_torch_flex_attention_are_not_imported_at_module_level():
             names = [node.module or ""] if isinstance(node, ast.ImportFrom) else []
             names += [a.name for a in node.names]
             assert not any(refused in n for n in names), (name, names)
+
+
+def test_docs_pictures_are_listed_and_small():
+    # docs/masks.md's generated section is what docs/make_pictures.py writes now, and each
+    # family's PNG is committed and small (the docs allow < 60 KB each, < 1 MB in all).
+    spec = importlib.util.spec_from_file_location("make_pictures", REPO / "docs" / "make_pictures.py")
+    make_pictures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_pictures)
+    families = [*make_pictures.MASK_FAMILIES, *make_pictures.SCORE_FAMILIES]
+    assert {make_pictures.family_name(m) for m in families} == set([
+        path.stem for path in (REPO / "inductor_flex" / "masks").glob("[!_]*.py")])
+    page = (REPO / "docs" / "masks.md").read_text()
+    assert make_pictures.markdown_section(families) in page
+    sizes = [(REPO / "docs" / "pictures" / f"{make_pictures.family_name(m)}.png").stat().st_size
+             for m in families]
+    assert max(sizes) < 60_000 and sum(sizes) < 1_000_000
