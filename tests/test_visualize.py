@@ -197,8 +197,8 @@ def test_docs_pictures_are_listed_and_small():
     make_pictures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(make_pictures)
     families = [*make_pictures.MASK_FAMILIES, *make_pictures.SCORE_FAMILIES]
-    assert {make_pictures.family_name(m) for m in families} == set([
-        path.stem for path in (REPO / "inductor_flex" / "masks").glob("[!_]*.py")])
+    assert {make_pictures.family_name(m) for m in families} == {
+        path.stem for path in (REPO / "inductor_flex" / "masks").glob("[!_]*.py")}
     page = (REPO / "docs" / "masks.md").read_text()
     assert make_pictures.markdown_section(families) in page
     sizes = [(REPO / "docs" / "pictures" / f"{make_pictures.family_name(m)}.png").stat().st_size
