@@ -15,6 +15,7 @@ setup(
         "inductor_flex",
         "inductor_flex.ops",
         "inductor_flex.masks",
+        "inductor_flex.integrations",
         "inductor_flex.lowering",
         "inductor_flex.templates",
     ],
@@ -25,7 +26,12 @@ setup(
     },
     package_data={"inductor_flex.templates": ["*.py.jinja"]},
     install_requires=["torch>=2.11", "jinja2", "sympy"],
-    extras_require={"test": ["pytest", "expecttest", "hypothesis", "numpy"]},
+    extras_require={
+        # 5.24: the version tested; the mask-builder hook took other arguments in 4.x
+        "transformers": ["transformers>=5.24"],
+        # transformers so that CI runs tests/test_transformers.py (skipped without it)
+        "test": ["pytest", "expecttest", "hypothesis", "numpy", "transformers>=5.24"],
+    },
     entry_points={
         "torch_dynamo_backends": ["inductor_flex = inductor_flex.backend:inductor_flex_backend"],
     },
