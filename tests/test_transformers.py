@@ -179,3 +179,26 @@ def test_dropout_is_refused():
     q = torch.randn(1, 2, 4, 8)
     with pytest.raises(NotImplementedError, match="dropout"):
         attention_forward(torch.nn.Module(), q, q, q, None, dropout=0.1)
+
+
+def test_mask_builder_compiles_with_symbolic_cache_offsets():
+    # While decoding, the cache offsets change every step; compiled with dynamic shapes
+    # they are SymInts, and the builder must neither fail on them nor pin their values.
+    from transformers.masking_utils import sliding_window_causal_mask_function
+    from inductor_flex.integrations.transformers import block_mask_for
+
+    def build(q_length, kv_length, q_offset, kv_offset, padding):
+        return block_mask_for(2, q_length, kv_length, q_offset, kv_offset,
+                              mask_function=sliding_window_causal_mask_function(SLIDING_WINDOW),
+                              attention_mask=padding)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(build, dynamic=True, fullgraph=True)
+    counter_before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    for past in (20, 21, 22):
+        padding = left_padded(length=past + 1).bool()
+        expected = build(1, SLIDING_WINDOW, past, past + 1 - SLIDING_WINDOW, padding).to_dense()
+        got = compiled(1, SLIDING_WINDOW, past, past + 1 - SLIDING_WINDOW, padding).to_dense()
+        assert torch.equal(got, expected)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - counter_before == 1
+    torch._dynamo.reset()

@@ -47,11 +47,17 @@ def _keeps_unpadded_keys(padding: Tensor) -> Callable:
     return keeps_unpadded_keys
 
 
-def _shifted(mask_mod: Callable, q_offset, kv_offset) -> Callable:
+def _shifted(mask_mod: Callable, q_offset, kv_offset, q_length: int, kv_length: int, device) -> Callable:
     # transformers' mask functions speak absolute positions; a BlockMask indexes from 0 the
-    # queries and keys it is given (the new tokens, the cached window).
+    # queries and keys it is given (the new tokens, the cached window). The positions are
+    # looked up rather than added inside the mask: under torch.compile the offsets are
+    # SymInts, which vmap cannot add to its indices (and a tensor made of one would pin
+    # its value, recompiling at every decoding step).
+    q_positions = torch.arange(q_length, device=device) + q_offset
+    kv_positions = torch.arange(kv_length, device=device) + kv_offset
+
     def shifted(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return mask_mod(b, h, q_idx + q_offset, kv_idx + kv_offset)
+        return mask_mod(b, h, q_positions[q_idx], kv_positions[kv_idx])
 
     return shifted
 
@@ -78,7 +84,7 @@ def block_mask_for(
         padding = torch.nn.functional.pad(attention_mask.bool(), (0, max(missing, 0)), value=False)
         mask_mod = and_masks(mask_mod, _keeps_unpadded_keys(padding))
     if not (isinstance(q_offset, int) and isinstance(kv_offset, int) and q_offset == kv_offset == 0):
-        mask_mod = _shifted(mask_mod, q_offset, kv_offset)
+        mask_mod = _shifted(mask_mod, q_offset, kv_offset, q_length, kv_length, device)
     return create_block_mask(mask_mod, batch_size, None, q_length, kv_length, device=device)
 
 
