@@ -27,10 +27,11 @@ setup(
     package_data={"inductor_flex.templates": ["*.py.jinja"]},
     install_requires=["torch>=2.11", "jinja2", "sympy"],
     extras_require={
-        # 5.24: the version tested; the mask-builder hook took other arguments in 4.x
-        "transformers": ["transformers>=5.24"],
+        # 5.17 passes the mask builder (q_length, q_offset), as register() needs (5.0 passed
+        # cache_position); tested with 5.24
+        "transformers": ["transformers>=5.17"],
         # transformers so that CI runs tests/test_transformers.py (skipped without it)
-        "test": ["pytest", "expecttest", "hypothesis", "numpy", "transformers>=5.24"],
+        "test": ["pytest", "expecttest", "hypothesis", "numpy", "transformers>=5.17"],
     },
     entry_points={
         "torch_dynamo_backends": ["inductor_flex = inductor_flex.backend:inductor_flex_backend"],
