@@ -15,6 +15,7 @@ setup(
         "inductor_flex",
         "inductor_flex.ops",
         "inductor_flex.masks",
+        "inductor_flex.integrations",
         "inductor_flex.lowering",
         "inductor_flex.templates",
     ],
@@ -26,8 +27,12 @@ setup(
     package_data={"inductor_flex.templates": ["*.py.jinja"]},
     install_requires=["torch>=2.11", "jinja2", "sympy"],
     extras_require={
-        "test": ["pytest", "expecttest", "hypothesis", "numpy", "matplotlib"],
+        # 5.17 passes the mask builder (q_length, q_offset), as register() needs (5.0 passed
+        # cache_position); tested with 5.24
+        "transformers": ["transformers>=5.17"],
         "pictures": ["matplotlib"],  # inductor_flex.visualize, the bench command's --plot
+        # transformers and matplotlib so that CI runs their tests (skipped without them)
+        "test": ["pytest", "expecttest", "hypothesis", "numpy", "matplotlib", "transformers>=5.17"],
     },
     entry_points={
         "torch_dynamo_backends": ["inductor_flex = inductor_flex.backend:inductor_flex_backend"],
