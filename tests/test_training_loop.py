@@ -12,7 +12,8 @@ import torch
 import torch._dynamo
 import torch._dynamo.testing
 
-from inductor_flex import create_mask
+from inductor_flex import and_masks, create_block_mask, create_mask
+from inductor_flex.masks import causal_mask
 
 from tiny_packed_lm import (
     build_document_causal_block_mask,
@@ -62,6 +63,25 @@ def test_compiled_mask_builder_compiles_once_for_every_batch():
         tokens = packed_batch(BATCH, SEQ_LEN, eos_positions, seed=seed)
         block_mask = builder(document_ids_from_eos(tokens))
         assert torch.equal(block_mask.to_dense(), document_block_mask(tokens).to_dense())
+    assert counter.frame_count == 1
+
+
+def test_torchtitan_style_compiled_create_block_mask_compiles_once_for_every_batch():
+    """docs/guide.md's form: create_block_mask compiled once, called with a new mask_mod
+    closure (over the batch's document ids) every batch."""
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled_create_block_mask = torch.compile(create_block_mask, backend=counter)
+    for seed, eos_positions in enumerate([EOS_POSITIONS, OTHER_EOS_POSITIONS, EOS_POSITIONS]):
+        tokens = packed_batch(BATCH, SEQ_LEN, eos_positions, seed=seed)
+        document_ids = document_ids_from_eos(tokens)
+
+        def same_document(b, h, q_idx, kv_idx):
+            return document_ids[b, q_idx] == document_ids[b, kv_idx]
+
+        block_mask = compiled_create_block_mask(and_masks(causal_mask, same_document),
+                                                BATCH, None, SEQ_LEN, SEQ_LEN, device="cpu")
+        assert torch.equal(block_mask.to_dense(), document_block_mask(tokens).to_dense())
+        assert torch.equal(element_mask(block_mask, SEQ_LEN), dense_document_causal_mask(tokens))
     assert counter.frame_count == 1
 
 
