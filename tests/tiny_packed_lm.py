@@ -1,5 +1,5 @@
 """A 2-layer transformer trained on packed documents, for the training-loop tests (CPU in
-tests/test_training_loop.py, CUDA in tests/gpu/test_training_loop.py).
+tests/test_training_loop.py, CUDA in tests/gpu/test_training_loop_cuda.py).
 
 Documents are packed into each row and separated by an EOS token, as torchtitan and
 torchtune pack them; attention is causal within each document. The same model runs with
