@@ -152,3 +152,19 @@ def block_mask_tuple_in_2_13_layout(block_mask_tuple: tuple) -> tuple:
     if len(items) == 13:
         return items[:10] + (None, None, None, None) + items[10:]
     raise ValueError(f"a block mask's as_tuple() has 13 or 17 items, got {len(items)}")
+
+
+# --- Activation checkpointing (inductor_flex/ops/forward.py, backward.py) -----------------
+
+
+def redirect_to_checkpoint_modes(hop) -> None:
+    """Let the dispatch modes of torch.utils.checkpoint see ``hop`` as one op, as PyTorch
+    does for its own flex_attention. Without it, checkpointing a block that calls us under
+    torch.compile (the ``tag_activation_checkpoint`` body is traced under
+    ``_CachingTorchDispatchMode``), or selective checkpointing in eager, fails with "no rule
+    registered for HigherOrderOperator". Both modes and the helper exist in 2.11 and 2.13."""
+    from torch._higher_order_ops.utils import redirect_to_mode
+    from torch.utils.checkpoint import _CachedTorchDispatchMode, _CachingTorchDispatchMode
+
+    redirect_to_mode(hop, _CachingTorchDispatchMode)
+    redirect_to_mode(hop, _CachedTorchDispatchMode)

@@ -891,8 +891,9 @@ def create_block_mask(
     if not callable(mask_mod):
         raise ValueError(f"{fn}: mask_mod must be a callable (b, h, q_idx, kv_idx) -> bool, "
                          f"got {type(mask_mod).__name__}")
-    # Dynamo cannot take the signature of a function defined inside the compiled region
-    # (transformers builds its mask functions per forward); the trace checks the arity anyway.
+    # Dynamo cannot trace inspect.signature: it would fall back to eager for the whole
+    # function and guard on the mask_mod's identity, recompiling for every new closure (a
+    # compiled mask builder called once per batch). Compiled, a wrong arity fails at the call.
     arity = None if torch.compiler.is_compiling() else _required_positional_count(mask_mod)
     if arity is not None and arity != 4:
         hint = " (that looks like a score_mod; create_block_mask needs a mask_mod)" if arity == 5 else ""

@@ -5,11 +5,11 @@ fused Triton templates on CUDA (``forward.py``, ``backward.py``), and for every 
 device or any case a template declines, the extern call of the exact chunked
 implementation (``extern.py``).
 """
-import warnings
-
 from torch._inductor.lowering import register_lowering
 
 from inductor_flex.ops import inductor_flex_attention, inductor_flex_attention_backward
+
+from . import fake_tensor_updates
 
 _registered = False
 
@@ -19,11 +19,9 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    # Inductor's FX utilities warn about any operator taking graph-module arguments; our
-    # lowerings consume those subgraphs themselves, so the warning is noise to users.
-    warnings.filterwarnings(
-        "ignore", message="Please add support for subgraph args to function inductor_flex_attention"
-    )
+    # Without it Inductor's FakeTensorUpdater warns "Please add support for subgraph args"
+    # for every compiled graph holding our operators (fake_tensor_updates.py says why).
+    fake_tensor_updates.install()
     register_lowering(inductor_flex_attention, type_promotion_kind=None)(_lower_forward)
     register_lowering(inductor_flex_attention_backward, type_promotion_kind=None)(_lower_backward)
     _registered = True

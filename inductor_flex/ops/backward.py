@@ -27,6 +27,7 @@ from inductor_flex._indexing import index_with_tensors
 from inductor_flex._mods import batchable
 
 from .._block_lists import OperatorBlockMask
+from .._compat import redirect_to_checkpoint_modes
 from ._shared import (
     empty_in_layout_of,
     functionalize_mod,
@@ -286,3 +287,5 @@ def _backward_autograd(*args):
         return raise_on_backward(t.detach().requires_grad_(True))
 
     return pytree.tree_map_only(Tensor, guard, grads)
+
+redirect_to_checkpoint_modes(inductor_flex_attention_backward)

@@ -26,6 +26,7 @@ from torch._ops import HigherOrderOperator
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
 
 from .._block_lists import OperatorBlockMask
+from .._compat import redirect_to_checkpoint_modes
 from ._shared import (
     SCORE_MOD_PREFIX,
     empty_in_layout_of,
@@ -129,3 +130,5 @@ def _forward_autocast(device_type: str):
 _AUTOCAST_KEYS = {"cuda": DispatchKey.AutocastCUDA, "cpu": DispatchKey.AutocastCPU}
 for _device_type, _key in _AUTOCAST_KEYS.items():
     inductor_flex_attention.py_impl(_key)(_forward_autocast(_device_type))
+
+redirect_to_checkpoint_modes(inductor_flex_attention)
