@@ -17,19 +17,27 @@ from .block_mask import (
 )
 from . import masks
 from .masks import create_document_block_mask
-from . import dynamo as _dynamo
+from ._post_import import when_imported
 from .ops import inductor_flex_attention, inductor_flex_attention_backward
 
-_dynamo.register()
+
+def _register_capture_rule(_dynamo) -> None:
+    from inductor_flex import dynamo
+
+    dynamo.register()
 
 
-def _register_lowering() -> None:
+def _register_lowering(_lowering) -> None:
     from inductor_flex import lowering
 
     lowering.register()
 
 
-_register_lowering()
+# Dynamo and Inductor take over a second to import; users of eager attention and block
+# masks need neither. The capture rule and the lowerings go in as soon as each is imported
+# (at once if it already is), which is before either traces or lowers anything.
+when_imported("torch._dynamo", _register_capture_rule)
+when_imported("torch._inductor.lowering", _register_lowering)
 
 __all__ = [
     "AuxOutput",

@@ -4,21 +4,25 @@ One lowering per operator; ``dispatch.py`` chooses the kernel that serves a call
 fused Triton templates on CUDA (``forward.py``, ``backward.py``), and for every other
 device or any case a template declines, the extern call of the exact chunked
 implementation (``extern.py``).
+
+Nothing here imports Inductor at module level: ``register`` runs once Inductor's lowering
+module has been imported (``inductor_flex/__init__.py``), so importing the package stays
+cheap.
 """
-from torch._inductor.lowering import register_lowering
-
-from inductor_flex.ops import inductor_flex_attention, inductor_flex_attention_backward
-
-from . import fake_tensor_updates
-
 _registered = False
 
 
-def register() -> None:
+def register(_lowering_module=None) -> None:
     """Register both lowerings with Inductor (idempotent)."""
     global _registered
     if _registered:
         return
+    from torch._inductor.lowering import register_lowering
+
+    from inductor_flex.ops import inductor_flex_attention, inductor_flex_attention_backward
+
+    from . import fake_tensor_updates
+
     # Without it Inductor's FakeTensorUpdater warns "Please add support for subgraph args"
     # for every compiled graph holding our operators (fake_tensor_updates.py says why).
     fake_tensor_updates.install()
