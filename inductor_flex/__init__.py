@@ -1,8 +1,9 @@
 """inductor_flex: FlexAttention as a torch.compile Inductor plugin.
 
 The public names are those of PyTorch's built-in FlexAttention module, so swapping one
-import is enough. Importing the package registers the operators, their Dynamo capture
-rule and the Inductor lowering, so plain ``torch.compile`` works; the backend name
+import is enough. Importing the package registers the operators and arranges for their
+Dynamo capture rule and Inductor lowerings to be registered as soon as Dynamo and Inductor
+are imported (without importing them), so plain ``torch.compile`` works; the backend name
 ``"inductor_flex"`` selects Inductor with attention-friendly options.
 """
 from .api import AuxOutput, AuxRequest, FlexKernelOptions, flex_attention

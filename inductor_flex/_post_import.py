@@ -5,7 +5,8 @@ eager attention or block masks needs neither. Our registrations with them (the c
 the lowerings) only have to be in place before they first trace or lower a graph, and both
 import their whole package before doing that. So ``when_imported(name, hook)`` runs
 ``hook(module)`` right away when ``name`` is already imported, and otherwise right after
-``name`` finishes executing, wherever that import happens.
+``name`` finishes executing, wherever that import happens. (Imported from inside ``name``'s
+own import, the hook runs at the first import anywhere after ``name`` finishes.)
 """
 import importlib.abc
 import sys
@@ -21,6 +22,9 @@ def when_imported(name: str, hook: Callable) -> None:
     with _lock:
         module = sys.modules.get(name)
         if module is None or _is_initializing(module):
+            # Not imported yet: the hook runs when it is. Being imported right now (we were
+            # imported from inside it): its loader is already running, so the hook runs at
+            # the first import anywhere after it finishes.
             _hooks.setdefault(name, []).append(hook)
             if _FINDER not in sys.meta_path:
                 sys.meta_path.insert(0, _FINDER)
@@ -38,6 +42,14 @@ def _run_hooks(name: str, module) -> None:
         hooks = _hooks.pop(name, [])
     for hook in hooks:
         hook(module)
+
+
+def _run_hooks_of_finished_modules() -> None:
+    with _lock:
+        finished = [name for name in _hooks
+                    if name in sys.modules and not _is_initializing(sys.modules[name])]
+    for name in finished:
+        _run_hooks(name, sys.modules[name])
 
 
 class _HookedLoader(importlib.abc.Loader):
@@ -61,6 +73,7 @@ class _PostImportFinder(importlib.abc.MetaPathFinder):
     """Finds a hooked module with the other finders, and wraps its loader."""
 
     def find_spec(self, name, path, target=None):
+        _run_hooks_of_finished_modules()
         if name not in _hooks:
             return None
         for finder in sys.meta_path:

@@ -253,9 +253,7 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
     one ``arange``, so it costs O(number of blocks) memory and time.
 
     Under dynamic shapes the stride-0 views guard on whether a block count is 1, so a
-    length crossing one block (128) recompiles once (issue #16 section 4, open: a variant
-    with a spare row and column avoided the guard on CPU but gave wrong results in the
-    fused CUDA forward, 2026-12-03).
+    length crossing one block (128) compiles once more.
     """
     block = _DEFAULT_SPARSE_BLOCK_SIZE
     q_blocks = -(-q_len // block)

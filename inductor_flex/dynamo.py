@@ -310,7 +310,7 @@ def _as_proxy(variable):
     return variable.as_proxy()
 
 
-def register(_dynamo_module=None) -> None:
+def register() -> None:
     """Teach Dynamo to capture calls of ``inductor_flex_attention`` (idempotent)."""
     registry = _compat.dynamo_hop_variable_registry()
     registry[inductor_flex_attention.__name__] = InductorFlexAttentionVariable

@@ -12,7 +12,7 @@ cheap.
 _registered = False
 
 
-def register(_lowering_module=None) -> None:
+def register() -> None:
     """Register both lowerings with Inductor (idempotent)."""
     global _registered
     if _registered:

@@ -1,8 +1,9 @@
 """CUDA lowering of the backward operator: one fused, block-sparse Triton kernel.
 
 ``lower_backward`` receives the backward operator's lowered arguments (docs/internals.md
-order) and returns ``(grad_query, grad_key, grad_value, grad_buffers)``, or ``None`` to
-fall back to the extern dense implementation. Steps, all decided before launch:
+order) and returns ``(grad_query, grad_key, grad_value, grad_buffers)``, or raises
+``dispatch.Declined`` with the reason where the kernel does not apply (the dispatcher then
+tries the next candidate). Steps, all decided before launch:
 
 1. the cases the kernel covers (``common.attention_problem``, plus a key/value batch that
    equals the query's or is 1);

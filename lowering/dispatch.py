@@ -8,7 +8,7 @@ implementation, serves every call.
 
 ``kernel_options["BACKEND"]`` narrows the list: ``"AUTO"`` (default) tries all;
 ``"TRITON"`` only the fused Triton kernels; ``"TRITON_DECODE"`` only the short-query
-kernel. An explicit backend that cannot serve the call is an error naming the reason,
+kernel (none yet: issue #18 adds it, so today that backend raises). An explicit backend that cannot serve the call is an error naming the reason,
 never a silent substitute. ``FORCE_USE_FLEX_ATTENTION`` keeps ``"AUTO"`` off the
 short-query kernel.
 
@@ -65,7 +65,7 @@ BACKWARD = (
 )
 
 
-def _kernel_options(args, kwargs, position: int):
+def _kernel_options_arg(args, kwargs, position: int):
     return kwargs.get("kernel_options", args[position] if len(args) > position else None)
 
 
@@ -95,11 +95,11 @@ def dispatch(candidates, options: PassOptions, device_type: str, args, kwargs):
 
 def lower_forward(*args, **kwargs):
     """The forward operator's lowering (arguments in docs/internals.md order)."""
-    options = PassOptions(_kernel_options(args, kwargs, 6), FORWARD_PREFIX)
+    options = PassOptions(_kernel_options_arg(args, kwargs, 6), FORWARD_PREFIX)
     return dispatch(FORWARD, options, args[0].get_device().type, args, kwargs)
 
 
 def lower_backward(*args, **kwargs):
     """The backward operator's lowering (arguments in docs/internals.md order)."""
-    options = PassOptions(_kernel_options(args, kwargs, 11), BACKWARD_PREFIX)
+    options = PassOptions(_kernel_options_arg(args, kwargs, 11), BACKWARD_PREFIX)
     return dispatch(BACKWARD, options, args[0].get_device().type, args, kwargs)

@@ -51,7 +51,7 @@ from inductor_flex.ops.backward import (
     score_gradient_graph,
     with_score_gradient,
 )
-from inductor_flex.ops.forward import empty_in_layout_of
+from inductor_flex.ops._shared import empty_in_layout_of
 
 # ---------------------------------------------------------------------------------------
 # Mods as source text
@@ -183,8 +183,11 @@ def scale_value(scale: float, scale_source: str, scale_symbols: Sequence[int]) -
 def _block_mask_tuple(query: Tensor, key: Tensor, kv_num_blocks, kv_indices, full_kv_num_blocks,
                       full_kv_indices, q_block_size, kv_block_size, mask_mod) -> tuple:
     # The dense kernel reads only the kv-side block lists; the q-side ones stay None.
-    return (query.shape[2], key.shape[2], kv_num_blocks, kv_indices, full_kv_num_blocks,
-            full_kv_indices, None, None, None, None, q_block_size, kv_block_size, mask_mod)
+    return tuple(OperatorBlockMask(
+        query.shape[2], key.shape[2], kv_num_blocks, kv_indices, full_kv_num_blocks,
+        full_kv_indices, q_num_blocks=None, q_indices=None, full_q_num_blocks=None,
+        full_q_indices=None, q_block_size=q_block_size, kv_block_size=kv_block_size,
+        mask_mod=mask_mod))
 
 
 # Keys a Python dispatch-mode handler excludes while it runs its op. Our kernels use

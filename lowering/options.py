@@ -31,7 +31,7 @@ KEYS = {
     "APPROX_TANH": "both passes: the hardware tanh in half precision (forward.py, backward.py)",
     "WARP_SPECIALIZE": "forward: Triton's warp specialization of the KV loop (forward.py)",
     "BACKEND": "which kernel family serves the call (dispatch.py)",
-    "FORCE_USE_FLEX_ATTENTION": "never the short-query kernel (dispatch.py)",
+    "FORCE_USE_FLEX_ATTENTION": "never the short-query kernel (dispatch.py; none exists yet)",
     # Accepted so that code written for PyTorch runs unchanged, and ignored:
     "WRITE_DQ": "ignored: the fused backward adds buffer gradients in its dK/dV programs",
     "KPACK": "ignored: AMD tile knob; no ROCm kernels here",
@@ -68,18 +68,21 @@ class PassOptions:
         return bool(self.get(name, default))
 
     def backend(self) -> str:
-        return str(self.get("BACKEND", "AUTO")).upper()
+        return self.get("BACKEND", "AUTO")
 
 
 def check_backend(kernel_options: Mapping) -> None:
-    """Reject a BACKEND value PyTorch would reject, and BACKEND together with the legacy
-    FORCE_USE_FLEX_ATTENTION (two answers to one question), before any tracing."""
-    upper = {str(k).upper(): v for k, v in kernel_options.items()}
-    if "BACKEND" not in upper:
-        return
-    if upper["BACKEND"] not in BACKENDS:
-        raise ValueError(f"flex_attention: kernel option BACKEND={upper['BACKEND']!r} is not "
-                         f"one of {BACKENDS}")
-    if upper.get("FORCE_USE_FLEX_ATTENTION"):
-        raise RuntimeError("flex_attention: kernel options BACKEND and FORCE_USE_FLEX_ATTENTION "
-                           "cannot be combined; BACKEND supersedes it (use BACKEND='TRITON')")
+    """Reject a BACKEND value PyTorch would reject (as each pass reads it, ``FWD_``/``BWD_``
+    included), and BACKEND together with the legacy FORCE_USE_FLEX_ATTENTION (two answers
+    to one question), before any tracing."""
+    for prefix in (FORWARD, BACKWARD):
+        options = PassOptions(kernel_options, prefix)
+        key, backend = options.lookup("BACKEND")
+        if backend is None:
+            continue
+        if backend not in BACKENDS:  # case-sensitive, as PyTorch
+            raise ValueError(f"flex_attention: kernel option {key}={backend!r} is not one of "
+                             f"{BACKENDS}")
+        if options.flag("FORCE_USE_FLEX_ATTENTION"):
+            raise RuntimeError("flex_attention: kernel options BACKEND and FORCE_USE_FLEX_ATTENTION "
+                               "cannot be combined; BACKEND supersedes it (use BACKEND='TRITON')")

@@ -220,10 +220,16 @@ def test_captured_tensor_needing_grad_is_still_found():
     holder = {"bias": bias}
     module = torch.nn.Linear(1, 4, device=DEVICE)
 
+    class Config:
+        learned = torch.zeros(4, device=DEVICE, requires_grad=True)
+
+    add_bias = bias.add  # a builtin method bound to the tensor
     mods = [lambda s, b, h, q, kv: s + bias[h],
             lambda s, b, h, q, kv: s + holder["bias"][h],
-            lambda s, b, h, q, kv: s + module.bias[h]]
-    for score_mod, leaf in zip(mods, (bias, bias, module.bias)):
+            lambda s, b, h, q, kv: s + module.bias[h],
+            lambda s, b, h, q, kv: s + Config.learned[h],
+            lambda s, b, h, q, kv: add_bias(s)[h]]
+    for score_mod, leaf in zip(mods, (bias, bias, module.bias, Config.learned, bias)):
         leaf.grad = None
         flex_attention(Q, Q, Q, score_mod=score_mod).sum().backward()
         assert leaf.grad is not None

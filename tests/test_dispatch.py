@@ -32,7 +32,8 @@ def test_a_pass_reads_its_prefix_first_and_ignores_the_other():
     assert forward.get("USE_TMA") is True and backward.get("USE_TMA") is False
     assert forward.get("EARLY_DP") is None and backward.flag("EARLY_DP")
     assert forward.flag("PRESCALE_QK", True)  # an explicit None is unset: the default holds
-    assert forward.backend() == "AUTO" and PassOptions({"backend": "triton"}, FORWARD).backend() == "TRITON"
+    assert forward.backend() == "AUTO" and PassOptions({"backend": "TRITON"}, FORWARD).backend() == "TRITON"
+    assert PassOptions({"BACKEND": "AUTO", "BWD_BACKEND": "TRITON"}, BACKWARD).backend() == "TRITON"
 
 
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
@@ -43,6 +44,12 @@ def test_bad_backend_values_raise_before_any_kernel(compiled):
         fn(q, k, v, kernel_options={"BACKEND": "CUTLASS"})
     with pytest.raises(RuntimeError, match="BACKEND and FORCE_USE_FLEX_ATTENTION cannot be combined"):
         fn(q, k, v, kernel_options={"BACKEND": "TRITON", "FORCE_USE_FLEX_ATTENTION": True})
+    # As PyTorch: values are case-sensitive; the pass-prefixed spellings are checked too.
+    with pytest.raises(ValueError, match="BACKEND='triton' is not one of"):
+        fn(q, k, v, kernel_options={"BACKEND": "triton"})
+    with pytest.raises(ValueError, match="FWD_BACKEND='CUTLASS' is not one of"):
+        fn(q, k, v, kernel_options={"fwd_BACKEND": "CUTLASS"})
+    fn(q, k, v, kernel_options={"BACKEND": None})  # None is unset, as for every option
 
 
 @pytest.mark.parametrize("backend,why", [

@@ -66,3 +66,29 @@ def test_the_inductor_flex_backend_after_a_bare_import():
         print("ok")
     """)
     assert out.strip().endswith("ok")
+
+
+def test_a_hook_for_a_module_being_imported_runs_when_it_finishes(tmp_path, monkeypatch):
+    # inductor_flex imported from inside torch._dynamo's own import: the hook must wait
+    # for the module to finish, not be lost.
+    from inductor_flex._post_import import when_imported
+
+    (tmp_path / "half_imported.py").write_text(textwrap.dedent("""
+        from inductor_flex._post_import import when_imported
+        seen = []
+        when_imported("half_imported", lambda module: seen.append(module.LATER))
+        assert seen == []  # not finished yet
+        LATER = "finished"
+    """))
+    (tmp_path / "imported_after.py").write_text("")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import half_imported
+
+    import imported_after  # noqa: F401  (the first import after it finished)
+
+    assert half_imported.seen == ["finished"]
+    ran = []
+    when_imported("half_imported", lambda module: ran.append(module.__name__))  # already imported
+    assert ran == ["half_imported"]
+    sys.modules.pop("half_imported", None)
+    sys.modules.pop("imported_after", None)

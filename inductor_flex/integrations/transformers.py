@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from ..api import AuxRequest, flex_attention
-from ..block_mask import BlockMask, and_masks, create_block_mask
+from ..block_mask import BlockMask, and_masks, create_block_mask, noop_mask
 from ..masks import generate_tanh_softcap
 
 __all__ = ["attention_forward", "block_mask_for", "register"]
@@ -77,7 +77,7 @@ def block_mask_for(
     positions) and, where given, the 2D ``attention_mask`` (False: a padding token, in
     absolute key positions), over ``q_length`` queries starting at ``q_offset`` and
     ``kv_length`` keys starting at ``kv_offset``."""
-    mask_mod = mask_function
+    mask_mod = noop_mask if mask_function is None else mask_function
     if attention_mask is not None:
         # Keys past the 2D mask are cache slots not written yet (static caches): masked.
         missing = kv_offset + kv_length - attention_mask.shape[-1]

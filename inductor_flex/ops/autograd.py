@@ -104,7 +104,7 @@ def lift_grad_requiring_constants(graph: torch.fx.GraphModule) -> tuple[torch.fx
 
 # What a plain function may reach without holding a tensor that requires grad.
 _INERT_TYPES = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device,
-                type, types.BuiltinFunctionType, torch._ops.OpOverload, torch._ops.OpOverloadPacket)
+                torch._ops.OpOverload, torch._ops.OpOverloadPacket)
 _MAX_REACH_DEPTH = 4
 _MAX_CONTAINER_ITEMS = 64
 
@@ -117,6 +117,16 @@ def _may_reach_grad_tensor(value, depth: int = 0) -> bool:
         return value.requires_grad
     if isinstance(value, _INERT_TYPES):
         return False
+    if isinstance(value, type):
+        # A class reached by name: its own attributes may hold a learned tensor (Cfg.bias).
+        return any((isinstance(v, Tensor) and v.requires_grad) or isinstance(v, torch.nn.Module)
+                   for v in vars(value).values())
+    if isinstance(value, types.BuiltinFunctionType):
+        # torch.exp and friends are bound to a module or a class; bias.mul to its tensor.
+        owner = getattr(value, "__self__", None)
+        if owner is None or isinstance(owner, (types.ModuleType, type)):
+            return False
+        return _may_reach_grad_tensor(owner, depth + 1)
     if depth >= _MAX_REACH_DEPTH:
         return True
     if isinstance(value, torch.nn.Module):

@@ -13,9 +13,9 @@ Registrations made here:
 - functionalization: refuses mods that mutate their arguments or buffers, then redispatches.
 - autocast: inputs are cast to the autocast dtype, as scaled_dot_product_attention does.
 
-The autograd rule lives in ``autograd.py``. The small tracing helpers below
-(``mod_example_args``, ``trace_mod_into``) are shared with the backward operator and the
-autograd rule; mods are traced under ``inductor_flex._indexing.index_with_tensors``.
+The autograd rule lives in ``autograd.py``. The tracing helpers (``mod_example_args``,
+``trace_mod_into``, ...) live in ``_shared.py``, with the backward operator and the autograd
+rule; mods are traced under ``inductor_flex._indexing.index_with_tensors``.
 """
 import torch
 import torch.utils._pytree as pytree
