@@ -262,8 +262,8 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         if launch not in launches:  # the user's EARLY_DP can make two configs one kernel
             launches.append(launch)
     use_tma = _use_tma(options, problem, (query, key, value, grad_out), len(launches))
-    for _, _, options in launches:
-        options["USE_TMA"] = use_tma
+    for _, _, constexprs in launches:
+        constexprs["USE_TMA"] = use_tma
     # The tiles the inner loops stream, as host-built descriptors, in the template's order
     # (Q_DESC, DO_DESC, K_DESC, V_DESC): the dK/dV programs read q and dO BLOCK_M1 rows at
     # a time, the dQ programs k and v BLOCK_N2 rows at a time. One descriptor per tensor

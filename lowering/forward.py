@@ -179,11 +179,11 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         if launch in seen:
             continue  # the same kernel as an earlier choice once TMA is resolved
         seen.add(launch)
-        options = dict(constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n, USE_TMA=use_tma)
+        constexprs = dict(constants, BLOCK_M=config.block_m, BLOCK_N=config.block_n, USE_TMA=use_tma)
         # The query side only needs BLOCK_M to divide Q_LEN: partial query tiles never read
         # the block mask beyond its last row.
-        options["IS_DIVISIBLE"] = divisible and known_true(sympy.Eq(sympy.Mod(q_len, config.block_m), 0))
-        launches.append((config.num_warps, config.num_stages, options))
+        constexprs["IS_DIVISIBLE"] = divisible and known_true(sympy.Eq(sympy.Mod(q_len, config.block_m), 0))
+        launches.append((config.num_warps, config.num_stages, constexprs))
 
     block_lists = [(kv_indices, True)] + ([(full_kv_indices, False)] if has_full_blocks else [])
     out = choose_kernel(
