@@ -51,7 +51,7 @@ from inductor_flex.ops.backward import (
     score_gradient_graph,
     with_score_gradient,
 )
-from inductor_flex.ops._shared import empty_in_layout_of
+from inductor_flex.ops._shared import empty_in_layout_of, joint_graph_buffer_grads
 
 # ---------------------------------------------------------------------------------------
 # Mods as source text
@@ -413,11 +413,9 @@ def lower_backward_extern(query, key, value, out, logsumexp, grad_out, grad_logs
 
 
 def _joint_buffers_with_grads(joint_graph, num_buffers: int) -> list[bool]:
-    graph_module = _subgraph_module(joint_graph)
-    output = next(n for n in graph_module.graph.nodes if n.op == "output")
-    returned = output.args[0]
-    if not isinstance(returned, (tuple, list)) or len(returned) != 1 + num_buffers:
+    wanted = joint_graph_buffer_grads(_subgraph_module(joint_graph), num_buffers)
+    if wanted is None:
         raise RuntimeError(
             f"inductor_flex extern fallback: the joint graph must return the score gradient and "
             f"one gradient per score_mod buffer ({1 + num_buffers} values)")
-    return [r is not None for r in returned[1:]]
+    return wanted

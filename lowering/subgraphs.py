@@ -314,10 +314,12 @@ def _atomic_scatter(grad_buffer, index_values: list, value, device) -> ir.Comput
 
 def joint_buffer_gradients(joint: ir.Subgraph, num_buffers: int) -> list:
     """Which of the score_mod's buffers the joint graph returns a gradient for."""
-    outputs = _output_node(joint.graph_module).args[0]
-    if not isinstance(outputs, (tuple, list)) or len(outputs) != 1 + num_buffers:
+    from inductor_flex.ops._shared import joint_graph_buffer_grads
+
+    wanted = joint_graph_buffer_grads(joint.graph_module, num_buffers)
+    if wanted is None:
         raise ModLoweringError(f"the joint graph must return 1 + {num_buffers} values")
-    return [o is not None for o in outputs[1:]]
+    return wanted
 
 
 def build_joint_buffers(joint: ir.Subgraph, score_dtype: torch.dtype, buffers: Sequence,

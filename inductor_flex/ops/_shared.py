@@ -129,3 +129,14 @@ def unwrap_and_check_mods(ctx, query, score_mod, block_mask, score_mod_other_buf
                           mod_example_args(query, with_score=False) + list(mask_mod_other_buffers),
                           pre_dispatch)
     return block_mask, score_mod_other_buffers, mask_mod_other_buffers
+
+
+def joint_graph_buffer_grads(graph_module: torch.fx.GraphModule, num_buffers: int):
+    """Which of the score_mod's ``num_buffers`` buffers a joint graph returns a gradient for
+    (not ``None``), read off its output node; None when the output is not the score gradient
+    followed by one entry per buffer."""
+    output = next(n for n in graph_module.graph.nodes if n.op == "output")
+    returned = output.args[0]
+    if not isinstance(returned, (tuple, list)) or len(returned) != 1 + num_buffers:
+        return None
+    return [r is not None for r in returned[1:]]

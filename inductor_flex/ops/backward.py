@@ -31,6 +31,7 @@ from .._compat import redirect_to_checkpoint_modes
 from ._shared import (
     empty_in_layout_of,
     functionalize_mod,
+    joint_graph_buffer_grads,
     mod_example_args,
     replace_mask_mod,
     trace_mod_into,
@@ -80,10 +81,9 @@ def buffers_with_grads(joint_graph: Callable, query: Tensor, buffers: Sequence[T
     if not buffers:
         return []
     if isinstance(joint_graph, torch.fx.GraphModule):
-        output = next(n for n in joint_graph.graph.nodes if n.op == "output")
-        returned = output.args[0]
-        if isinstance(returned, (tuple, list)) and len(returned) == 1 + len(buffers):
-            return [r is not None for r in returned[1:]]
+        wanted = joint_graph_buffer_grads(joint_graph, len(buffers))
+        if wanted is not None:
+            return wanted
     with index_with_tensors():
         grads = joint_graph(*joint_example_args(query), *buffers)
     grads = tuple(grads)
