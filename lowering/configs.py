@@ -420,40 +420,48 @@ def _is_power_of_2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+def _tile_walks(tile: int, sparse: int) -> bool:
+    """Whether a tile side can walk a sparse block side: a power of 2 of at least 16 that
+    divides it (so each tile lies in exactly one sparse block)."""
+    return _is_power_of_2(tile) and tile >= MIN_TILE and sparse % tile == 0
+
+
+def _halved_to_divide(tile: int, sparse: int) -> int:
+    while tile >= MIN_TILE and sparse % tile:
+        tile //= 2
+    return tile
+
+
+def _check_user_tiles(fixed: Mapping, fields: Mapping, sparse_q_block: int, sparse_kv_block: int,
+                      what: str) -> None:
+    """A tile option the user fixed must walk the block mask (``_tile_walks``); ``fields``
+    maps option names (``BLOCK_M..`` on the query side, ``BLOCK_N..`` on the key side) to
+    config fields."""
+    for option, field in fields.items():
+        if field not in fixed or not option.startswith("BLOCK"):
+            continue
+        sparse, name = ((sparse_q_block, "Q_BLOCK_SIZE") if option.startswith("BLOCK_M")
+                        else (sparse_kv_block, "KV_BLOCK_SIZE"))
+        size = fixed[field]
+        if not _tile_walks(size, sparse):
+            raise ValueError(
+                f"kernel option {option}={size}: the {what} must be a power of 2 of at least "
+                f"{MIN_TILE} that divides the block mask's {name}={sparse}")
+
+
 def tile_fits(config: ForwardConfig, sparse_q_block: int, sparse_kv_block: int) -> bool:
-    """Whether the kernel tile can walk the block mask: power-of-2 tiles of at least 16 that
-    divide the sparse blocks (so each tile lies in exactly one sparse block)."""
-    return (
-        _is_power_of_2(config.block_m) and _is_power_of_2(config.block_n)
-        and config.block_m >= MIN_TILE and config.block_n >= MIN_TILE
-        and sparse_q_block % config.block_m == 0
-        and sparse_kv_block % config.block_n == 0
-    )
+    """Whether the forward tile can walk the block mask (``_tile_walks`` on both sides)."""
+    return _tile_walks(config.block_m, sparse_q_block) and _tile_walks(config.block_n, sparse_kv_block)
 
 
 def _shrink_to_fit(config: ForwardConfig, sparse_q_block: int, sparse_kv_block: int
                    ) -> Optional[ForwardConfig]:
     """The default tile halved until it divides the sparse blocks, or None if it cannot."""
-    block_m, block_n = config.block_m, config.block_n
-    while block_m >= MIN_TILE and sparse_q_block % block_m:
-        block_m //= 2
-    while block_n >= MIN_TILE and sparse_kv_block % block_n:
-        block_n //= 2
+    block_m = _halved_to_divide(config.block_m, sparse_q_block)
+    block_n = _halved_to_divide(config.block_n, sparse_kv_block)
     shrunk = replace(config, block_m=block_m, block_n=block_n,
                      num_warps=config.num_warps if block_m >= 128 else min(config.num_warps, 4))
     return shrunk if tile_fits(shrunk, sparse_q_block, sparse_kv_block) else None
-
-
-def _check_user_tile(fixed: Mapping, sparse_q_block: int, sparse_kv_block: int) -> None:
-    for field, option, sparse, name in (("block_m", "BLOCK_M", sparse_q_block, "Q_BLOCK_SIZE"),
-                                        ("block_n", "BLOCK_N", sparse_kv_block, "KV_BLOCK_SIZE")):
-        if field not in fixed:
-            continue
-        size = fixed[field]
-        if not _is_power_of_2(size) or size < MIN_TILE or sparse % size:
-            raise ValueError(
-                f"kernel option {option}={size}: the tile must be a power of 2 of at least "
-                f"{MIN_TILE} that divides the block mask's {name}={sparse}")
 
 
 def select_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
@@ -473,7 +481,7 @@ def select_forward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_h
     - An empty list means no tile can walk this block mask (e.g. sparse blocks under 16).
     """
     fixed = tile_options(kernel_options)
-    _check_user_tile(fixed, sparse_q_block, sparse_kv_block)
+    _check_user_tiles(fixed, _OPTION_FIELDS, sparse_q_block, sparse_kv_block, "tile")
     default = replace(default_forward_config(capability, dtype, qk_head_dim, v_head_dim, mask_free),
                       **fixed)
     if "num_stages" not in fixed:
@@ -559,19 +567,15 @@ def estimated_backward_shared_memory(config: BackwardConfig, dtype: torch.dtype,
 def _backward_tile_fits(config: BackwardConfig, sparse_q_block: int, sparse_kv_block: int) -> bool:
     tiles = ((config.block_m1, sparse_q_block), (config.block_n1, sparse_kv_block),
              (config.block_m2, sparse_q_block), (config.block_n2, sparse_kv_block))
-    return all(_is_power_of_2(t) and t >= MIN_TILE and sparse % t == 0 for t, sparse in tiles)
+    return all(_tile_walks(tile, sparse) for tile, sparse in tiles)
 
 
 def _shrink_backward_to_fit(config: BackwardConfig, sparse_q_block: int,
                             sparse_kv_block: int) -> Optional[BackwardConfig]:
-    def shrink(tile, sparse):
-        while tile >= MIN_TILE and sparse % tile:
-            tile //= 2
-        return tile
-    shrunk = replace(config, block_m1=shrink(config.block_m1, sparse_q_block),
-                     block_n1=shrink(config.block_n1, sparse_kv_block),
-                     block_m2=shrink(config.block_m2, sparse_q_block),
-                     block_n2=shrink(config.block_n2, sparse_kv_block))
+    shrunk = replace(config, block_m1=_halved_to_divide(config.block_m1, sparse_q_block),
+                     block_n1=_halved_to_divide(config.block_n1, sparse_kv_block),
+                     block_m2=_halved_to_divide(config.block_m2, sparse_q_block),
+                     block_n2=_halved_to_divide(config.block_n2, sparse_kv_block))
     return shrunk if _backward_tile_fits(shrunk, sparse_q_block, sparse_kv_block) else None
 
 
@@ -583,16 +587,8 @@ def select_backward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_
     options ``BLOCK_M1``, ``BLOCK_N1``, ``BLOCK_M2``, ``BLOCK_N2``, ``num_warps`` and
     ``num_stages`` (each also with a ``bwd_`` prefix that takes precedence)."""
     fixed = tile_options(kernel_options, _BACKWARD_OPTION_FIELDS, prefix=BACKWARD)
-    for option, field in _BACKWARD_OPTION_FIELDS.items():
-        if field not in fixed or not option.startswith("BLOCK"):
-            continue
-        sparse, name = ((sparse_q_block, "Q_BLOCK_SIZE") if option[-2] == "M"
-                        else (sparse_kv_block, "KV_BLOCK_SIZE"))
-        size = fixed[field]
-        if not _is_power_of_2(size) or size < MIN_TILE or sparse % size:
-            raise ValueError(
-                f"kernel option {option}={size}: the backward tile must be a power of 2 of at "
-                f"least {MIN_TILE} that divides the block mask's {name}={sparse}")
+    _check_user_tiles(fixed, _BACKWARD_OPTION_FIELDS, sparse_q_block, sparse_kv_block,
+                      "backward tile")
     limit = shared_memory_limit(capability)
 
     def estimate(config):

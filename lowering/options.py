@@ -50,7 +50,7 @@ class PassOptions:
 
     def __init__(self, kernel_options: Optional[Mapping], prefix: str):
         self._options = {str(k).upper(): v for k, v in (kernel_options or {}).items()}
-        self.prefix = prefix
+        self.prefix = prefix.upper()
 
     def lookup(self, name: str):
         """``(key, value)`` of the setting that applies to ``name``, or ``(None, None)``."""
