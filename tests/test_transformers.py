@@ -159,6 +159,28 @@ def test_attention_sinks_match_eager():
     assert_close_where_kept(expected, got, attention_mask)
 
 
+def test_attention_weights_slot_carries_the_log_sum_exp():
+    """transformers records the attention function's second output as the layer's
+    attentions; ours is each query's log-sum-exp of its (scaled, masked) scores."""
+    from inductor_flex import create_block_mask
+    from inductor_flex.integrations.transformers import attention_forward
+
+    query, key, value = (torch.randn(2, 4, 24, 16, dtype=torch.float64) for _ in range(3))
+    causal = create_block_mask(lambda b, h, q, kv: q >= kv, None, None, 24, 24, device="cpu")
+    output, lse = attention_forward(None, query, key, value, causal, scaling=0.25)
+    scores = (query @ key.transpose(-1, -2) * 0.25).masked_fill(~torch.ones(24, 24).tril().bool(), float("-inf"))
+    torch.testing.assert_close(lse, torch.logsumexp(scores, dim=-1))
+    torch.testing.assert_close(output, (scores.softmax(-1) @ value).transpose(1, 2))
+
+    # Before the compiled-model test: after a model has been compiled, this transformers
+    # version (5.24) recorded no attentions for models built afterwards in the process.
+    _, ours = model_pair(*CONFIGS["llama"])
+    with torch.no_grad():
+        attentions = ours(tokens(), output_attentions=True).attentions
+    assert len(attentions) == _SIZES["num_hidden_layers"]
+    assert all(a.shape == (2, _SIZES["num_attention_heads"], SEQ_LEN) and a.isfinite().all() for a in attentions)
+
+
 def test_compiled_model_matches_reference():
     # Gemma 2 covers the most at once: full and sliding layers, soft-capping, GQA, padding.
     # fullgraph: the mask builder and the attention must both trace without a break.
@@ -202,3 +224,4 @@ def test_mask_builder_compiles_with_symbolic_cache_offsets():
         assert torch.equal(got, expected)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - counter_before == 1
     torch._dynamo.reset()
+

@@ -99,9 +99,11 @@ def attention_forward(
     softcap: Optional[float] = None,
     s_aux: Optional[Tensor] = None,
     **ignored,
-) -> Tuple[Tensor, None]:
+) -> Tuple[Tensor, Tensor]:
     """One attention layer for transformers: ``[B, H, L, E]`` inputs, returns the output as
-    ``[B, L, H, Ev]`` and None for the attention weights (never materialized).
+    ``[B, L, H, Ev]`` and, in the attention-weights slot, each query's log-sum-exp of its
+    scores (``[B, H, L]``, in the value dtype), as transformers' own flex integration does:
+    the weights themselves are never materialized.
 
     ``softcap`` (Gemma 2) caps the scaled scores inside the kernel; ``s_aux`` (GPT-OSS) is
     one learned sink logit per head that takes part in each row's softmax and then is
@@ -123,14 +125,12 @@ def attention_forward(
         scale=scaling,
         enable_gqa=query.shape[1] != key.shape[1],
         kernel_options=ignored.get("kernel_options"),
-        return_aux=AuxRequest(lse=True) if s_aux is not None else None,
+        return_aux=AuxRequest(lse=True),
     )
-    if s_aux is None:
-        output = outputs
-    else:
-        output, aux = outputs
+    output, aux = outputs
+    if s_aux is not None:
         # exp(lse) / (exp(lse) + exp(sink)) = sigmoid(lse - sink); a row that keeps nothing
         # has lse = -inf and stays zero.
         kept_share = torch.sigmoid(aux.lse - s_aux.float().view(1, -1, 1))
         output = (output * kept_share.unsqueeze(-1)).to(query.dtype)
-    return output.transpose(1, 2).contiguous(), None
+    return output.transpose(1, 2).contiguous(), aux.lse.to(value.dtype)
