@@ -55,6 +55,8 @@ def generate_alibi_bias(num_heads: int, slopes: Optional[Tensor] = None, device=
         slopes = slopes.to(device)
 
     def alibi_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        return (score + slopes[h] * (kv_idx - q_idx)).to(score.dtype)
+        # No cast back to score.dtype: traced, the score stands in the input dtype (bf16), while
+        # the kernel holds it in float32; a cast would round every biased score.
+        return score + slopes[h] * (kv_idx - q_idx)
 
     return alibi_bias

@@ -37,6 +37,6 @@ def generate_relative_position_bias(bias_table: Tensor):
     def relative_position_bias(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
         offset = (kv_idx - q_idx).clamp(-max_distance, max_distance) + max_distance
         bias = bias_table[h, offset] if per_head else bias_table[offset]
-        return (score + bias).to(score.dtype)
+        return score + bias  # no cast to score.dtype: see alibi.py
 
     return relative_position_bias
