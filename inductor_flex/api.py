@@ -249,22 +249,31 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
     """A block mask keeping every score: every KV block is full for every query block.
 
     Built from the counts directly, without evaluating a mask_mod or transposing block
-    lists: one row of counts per side, and index rows that are expanded (stride-0) views of
-    one ``arange``, so it costs O(number of blocks) memory and time.
+    lists. Eagerly the index rows are expanded (stride-0) views of one ``arange``:
+    O(number of blocks) memory and time.
 
-    Under dynamic shapes the stride-0 views guard on whether a block count is 1, so a
-    length crossing one block (128) compiles once more.
+    Under compile the lengths may be symbolic, and any tensor whose size is a block count
+    makes Dynamo guard on whether that count is 1 (a recompile when a length crosses 128).
+    So there each side gets one spare block row and one spare index column that no count
+    reaches, keeping every size provably at least 2, and the rows are materialized
+    (O(blocks^2) int32, as any block mask of that size). The spare column repeats the last
+    block, so a reader that walks every column (autotuning's inputs) stays in bounds.
+    Dynamo reads a traced length as a plain int, so whether we compile is the test.
     """
     block = _DEFAULT_SPARSE_BLOCK_SIZE
     q_blocks = -(-q_len // block)
     kv_blocks = -(-kv_len // block)
+    spare = 1 if torch.compiler.is_compiling() else 0
 
-    def side(rows: int, cols: int):
-        no_partial = torch.zeros((1, 1, rows), dtype=torch.int32, device=device)
+    def side(rows, cols):
+        no_partial = torch.zeros((1, 1, rows + spare), dtype=torch.int32, device=device)
+        all_full = torch.full((1, 1, rows + spare), cols, dtype=torch.int32, device=device)
+        columns = torch.arange(cols + spare, dtype=torch.int32, device=device)
+        if spare:
+            columns = columns.clamp(max=cols - 1).repeat(1, 1, rows + spare, 1)
+            return no_partial, torch.zeros_like(columns), all_full, columns
         unused = torch.zeros((1, 1, 1, 1), dtype=torch.int32, device=device).expand(1, 1, rows, cols)
-        all_full = torch.full((1, 1, rows), cols, dtype=torch.int32, device=device)
-        every_block = torch.arange(cols, dtype=torch.int32, device=device).expand(1, 1, rows, cols)
-        return no_partial, unused, all_full, every_block
+        return no_partial, unused, all_full, columns.expand(1, 1, rows, cols)
 
     kv_num, kv_idx, full_kv_num, full_kv_idx = side(q_blocks, kv_blocks)
     q_num, q_idx, full_q_num, full_q_idx = side(kv_blocks, q_blocks)

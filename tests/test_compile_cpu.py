@@ -153,8 +153,6 @@ def test_dynamic_shapes_compile_once():
     assert counter.frame_count == 1
 
 
-@pytest.mark.xfail(strict=True, reason="issue #16 section 4, open: the default mask's stride-0 "
-                   "views guard on a block count of 1; the spare-row fix broke the CUDA forward")
 def test_dynamic_shapes_default_mask_compiles_once_across_block_boundaries():
     """Without a block mask the default full mask has one row per 128-query block; that
     row count must not pin the length, so one frame serves lengths on both sides of 128."""
