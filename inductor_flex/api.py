@@ -261,8 +261,8 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
     Dynamo reads a traced length as a plain int, so whether we compile is the test.
     """
     block = _DEFAULT_SPARSE_BLOCK_SIZE
-    q_blocks = -(-q_len // block)
-    kv_blocks = -(-kv_len // block)
+    q_blocks = (q_len + block - 1) // block  # floor of non-negatives: no negative division in
+    kv_blocks = (kv_len + block - 1) // block  # generated code, where C and Python disagree
     spare = 1 if torch.compiler.is_compiling() else 0
 
     def side(rows, cols):
