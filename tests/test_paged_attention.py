@@ -7,9 +7,6 @@ with the error-ratio rule (tests/gpu/flex_check.py: 1.1x the eager same-dtype co
 error for fp16 / bf16; 20x for fp32, PyTorch's allowance for paged runs), for output, lse
 and max_scores.
 """
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 import torch._dynamo
@@ -17,15 +14,12 @@ import torch._dynamo
 from inductor_flex import create_block_mask, flex_attention, noop_mask
 from inductor_flex.paged_attention import PagedAttention
 
-from gpu.flex_check import FACTOR, check_against_golden, qkv
+from gpu.flex_check import (PAGED_FACTOR, causal_at_end, check_against_golden, paged_flex,
+                            paged_helpers, paged_suite_score_mods, qkv)
 
-_spec = importlib.util.spec_from_file_location(
-    "_paged", pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "_paged.py")
-_paged = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_paged)
-paged_cache, paged_inputs = _paged.paged_cache, _paged.paged_inputs
-
-PAGED_FACTOR = {**FACTOR, torch.float32: 20.0}
+SCORE_MODS = paged_suite_score_mods(4)
+relative_bias = SCORE_MODS["relative_bias"]
+paged_cache = paged_helpers.paged_cache
 
 
 @pytest.fixture(autouse=True)
@@ -33,51 +27,6 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
-
-
-def times_two(score, b, h, q_idx, kv_idx):
-    return score * 2
-
-
-def causal_score(score, b, h, q_idx, kv_idx):
-    return torch.where(q_idx >= kv_idx, score, float("-inf"))
-
-
-def relative_bias(score, b, h, q_idx, kv_idx):
-    return score + (q_idx - kv_idx) * 0.05
-
-
-def alibi(score, b, h, q_idx, kv_idx):
-    # As PyTorch's tests write it, for 4 heads. (masks.generate_alibi_bias casts the
-    # result to the score's dtype, which compiled bf16 / fp16 traces take literally.)
-    return score + (kv_idx - q_idx) * torch.exp2(-(h + 1) * 2.0)
-
-
-SCORE_MODS = {"identity": None, "times_two": times_two, "causal": causal_score,
-              "relative_bias": relative_bias, "alibi": alibi}
-
-
-def paged_flex(run=flex_attention, page_size=32, shuffle=True, spare_pages=3, seed=0):
-    """flex_attention(q, k, v, ...) computed on a paged copy of k / v: the call
-    check_against_golden makes in place of the compiled one."""
-    def call(q, k, v, score_mod=None, block_mask=None, **kwargs):
-        if block_mask is None:
-            block_mask = create_block_mask(noop_mask, q.shape[0], 1, q.shape[2], k.shape[2],
-                                           device=q.device, BLOCK_SIZE=(32, page_size))
-        paged = paged_inputs(k, v, page_size, shuffle, block_mask=block_mask, score_mod=score_mod,
-                             spare_pages=spare_pages, seed=seed)
-        return run(q, paged.k_cache, paged.v_cache, score_mod=paged.score_mod,
-                   block_mask=paged.block_mask, **kwargs)
-
-    return call
-
-
-def causal_at_end(q_len, kv_len):
-    """Causal mask of q_len queries placed at the end of kv_len keys (a decoding step)."""
-    def causal_end(b, h, q_idx, kv_idx):
-        return q_idx + (kv_len - q_len) >= kv_idx
-
-    return causal_end
 
 
 # ---------------------------------------------------------------------------------------
@@ -89,7 +38,7 @@ def causal_at_end(q_len, kv_len):
 def test_eager_paged_matches_golden(name, dtype):
     # GQA, Q_LEN != KV_LEN, a ragged last page, spare pages full of garbage.
     q, k, v = qkv("cpu", dtype, B=2, Hq=4, Hkv=2, M=40, N=200, E=16)
-    check_against_golden(q, k, v, compiled=paged_flex(), factor=PAGED_FACTOR[dtype],
+    check_against_golden(q, k, v, compiled=paged_flex(page_size=32), factor=PAGED_FACTOR[dtype],
                          score_mod=SCORE_MODS[name], enable_gqa=True)
 
 
@@ -99,7 +48,7 @@ def test_compiled_paged_with_causal_block_mask(dtype):
     mask = create_block_mask(causal_at_end(40, 200), 2, 1, 40, 200, device="cpu", BLOCK_SIZE=32)
     compiled = torch.compile(flex_attention)
     for score_mod in (None, relative_bias):
-        check_against_golden(q, k, v, compiled=paged_flex(compiled), factor=PAGED_FACTOR[dtype],
+        check_against_golden(q, k, v, compiled=paged_flex(compiled, page_size=32), factor=PAGED_FACTOR[dtype],
                              score_mod=score_mod, block_mask=mask, enable_gqa=True)
 
 
@@ -117,7 +66,7 @@ def test_decoding_queries_against_a_1024_token_cache(q_len, dtype):
 def test_results_do_not_depend_on_the_page_assignment():
     q, k, v = qkv("cpu", torch.float32, B=3, Hq=2, M=24, N=150, E=16)
     mask = create_block_mask(causal_at_end(24, 150), 3, 1, 24, 150, device="cpu", BLOCK_SIZE=32)
-    outs = [paged_flex(shuffle=shuffle, seed=seed)(q, k, v, score_mod=relative_bias, block_mask=mask)
+    outs = [paged_flex(page_size=32, shuffle=shuffle, seed=seed)(q, k, v, score_mod=relative_bias, block_mask=mask)
             for shuffle, seed in ((False, 0), (True, 0), (True, 5))]
     reference = flex_attention(q, k, v, score_mod=relative_bias, block_mask=mask)
     for out in outs:
@@ -327,3 +276,16 @@ def test_bad_assignments():
     with pytest.raises(RuntimeError, match="input_pos outside the capacity reserved"):
         paged.assign(batch_idx, position + 13, value, value, k_cache, v_cache)
     assert not k_cache.any() and not v_cache.any()
+
+
+def test_exported_lazily():
+    import subprocess
+    import sys
+
+    script = ("import sys, inductor_flex\n"
+              "assert 'inductor_flex.paged_attention' not in sys.modules\n"
+              "from inductor_flex import PagedAttention\n"
+              "assert PagedAttention is inductor_flex.paged_attention.PagedAttention\n"
+              "assert 'PagedAttention' in inductor_flex.__all__\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
