@@ -10,6 +10,7 @@ and max_scores.
 import pytest
 import torch
 import torch._dynamo
+import torch._dynamo.testing
 
 from inductor_flex import create_block_mask, flex_attention, noop_mask
 from inductor_flex.paged_attention import PagedAttention
@@ -150,6 +151,32 @@ def test_a_compiled_decoding_step_writes_and_reads_without_graph_breaks():
     out = compiled(q, k[:, :, 95:], v[:, :, 95:], torch.full((2, 1), 95))
     expected = flex_attention(q, k, v, score_mod=SCORE_MODS["alibi"], enable_gqa=True)
     torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
+    assert counter.frame_count == 1
+
+
+def test_a_growing_cache_reconverted_every_step_compiles_once():
+    page_size, steps = 32, (40, 70, 100)
+    q, k, v = qkv("cpu", torch.float32, B=2, Hq=4, Hkv=2, M=1, N=steps[-1], E=16)
+    paged = PagedAttention(8, page_size, 2, device="cpu")
+    k_cache = torch.zeros(1, 2, 8 * page_size, 16)
+    v_cache = torch.zeros_like(k_cache)
+    logical = create_block_mask(noop_mask, 2, 1, 1, 128, device="cpu", BLOCK_SIZE=(128, page_size))
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(flex_attention, backend=counter)
+    written = 0
+    for length in steps:
+        for b in range(2):
+            paged.reserve(b, length)
+        positions = torch.arange(written, length)
+        paged.assign(torch.arange(2), positions.expand(2, -1), k[:, :, written:length],
+                     v[:, :, written:length], k_cache, v_cache)
+        written = length
+        kv_len = torch.full((2,), length)
+        out = compiled(q, k_cache, v_cache, score_mod=paged.get_score_mod(SCORE_MODS["alibi"], kv_len),
+                       block_mask=paged.convert_logical_block_mask(logical, kv_len=kv_len), enable_gqa=True)
+        expected = flex_attention(q, k[:, :, :length], v[:, :, :length], score_mod=SCORE_MODS["alibi"],
+                                  enable_gqa=True)
+        torch.testing.assert_close(out, expected, atol=1e-6, rtol=1e-6)
     assert counter.frame_count == 1
 
 
