@@ -121,8 +121,8 @@ class PagedAttention:
         first = len(owned)
         owned.extend(pages)
         device = self.page_table.device
-        physical = torch.tensor(pages, dtype=torch.int64).to(device, non_blocking=True)
-        logical = torch.arange(first, first + needed, dtype=torch.int32).to(device, non_blocking=True)
+        physical = torch.tensor(pages, dtype=torch.int64, device=device)
+        logical = torch.arange(first, first + needed, dtype=torch.int32, device=device)
         self.page_table[entry, first:first + needed] = physical
         self.physical_to_logical[entry, physical] = logical
         self.capacity[entry] = len(owned) * self.page_size
