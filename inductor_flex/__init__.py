@@ -6,6 +6,8 @@ Dynamo capture rule and Inductor lowerings to be registered as soon as Dynamo an
 are imported (without importing them), so plain ``torch.compile`` works; the backend name
 ``"inductor_flex"`` selects Inductor with attention-friendly options.
 """
+import importlib
+
 from .api import AuxOutput, AuxRequest, FlexKernelOptions, flex_attention
 from .block_mask import (
     _DEFAULT_SPARSE_BLOCK_SIZE,
@@ -40,11 +42,20 @@ def _register_lowering(_lowering) -> None:
 when_imported("torch._dynamo", _register_capture_rule)
 when_imported("torch._inductor.lowering", _register_lowering)
 
+
+def __getattr__(name: str):
+    # Serving code alone needs PagedAttention: its module loads on first use.
+    if name in ("paged_attention", "PagedAttention"):
+        paged_attention = importlib.import_module(f"{__name__}.paged_attention")
+        return paged_attention if name == "paged_attention" else paged_attention.PagedAttention
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 __all__ = [
     "AuxOutput",
     "AuxRequest",
     "BlockMask",
     "FlexKernelOptions",
+    "PagedAttention",
     "and_masks",
     "create_block_mask",
     "create_document_block_mask",

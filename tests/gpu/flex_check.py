@@ -232,3 +232,74 @@ def _few_samples_allowance(numel: int) -> float:
     ratio of means over the other half. (Seen on the H100: a [4] scale measured 0.80x the eager
     error with one seed, 1.83x with another.)"""
     return 1.0 + 2.2 / math.sqrt(max(1, numel))
+
+
+# ---------------------------------------------------------------------------------------
+# Paged KV caches (inductor_flex/paged_attention.py)
+# ---------------------------------------------------------------------------------------
+
+# PyTorch allows float32 paged runs 20x the eager error (their sums run over a longer,
+# differently ordered cache); half precision keeps the plain rule.
+PAGED_FACTOR = {**FACTOR, torch.float32: 20.0}
+
+
+def _load_paged_helpers():
+    """benchmarks/_paged.py, the one builder of paged copies (shared with bench_decode)."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[2] / "benchmarks" / "_paged.py"
+    spec = importlib.util.spec_from_file_location("inductor_flex_bench_paged", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+paged_helpers = _load_paged_helpers()
+
+
+def paged_suite_score_mods(num_heads):
+    """The score_mods PyTorch's paged runs cover, by name (None: identity)."""
+    def times_two(score, b, h, q_idx, kv_idx):
+        return score * 2
+
+    def causal(score, b, h, q_idx, kv_idx):
+        return torch.where(q_idx >= kv_idx, score, float("-inf"))
+
+    def relative_bias(score, b, h, q_idx, kv_idx):
+        return score + (q_idx - kv_idx) * 0.05
+
+    def alibi(score, b, h, q_idx, kv_idx):
+        # As PyTorch's tests write it (masks.generate_alibi_bias casts the sum to the
+        # score's dtype, which compiled half-precision traces take literally).
+        return score + (kv_idx - q_idx) * torch.exp2(-(h + 1) * 8.0 / num_heads)
+
+    return {"identity": None, "times_two": times_two, "causal": causal,
+            "relative_bias": relative_bias, "alibi": alibi}
+
+
+def causal_at_end(q_len, kv_len):
+    """mask_mod: causal for q_len queries placed at the end of kv_len keys (a decoding step)."""
+    def causal_end(b, h, q_idx, kv_idx):
+        return q_idx + (kv_len - q_len) >= kv_idx
+
+    return causal_end
+
+
+def paged_flex(run=flex_attention, page_size=128, shuffle=True, spare_pages=3, seed=0):
+    """A drop-in for ``run(q, k, v, score_mod=..., block_mask=..., **kwargs)`` that attends
+    over a paged copy of k / v (scattered pages, garbage in unowned rows) through the
+    converted block mask and score_mod: what ``check_against_golden`` calls in place of the
+    compiled function to hold a paged run to the contiguous golden."""
+    def call(q, k, v, score_mod=None, block_mask=None, **kwargs):
+        from inductor_flex import create_block_mask, noop_mask
+
+        if block_mask is None:
+            block_mask = create_block_mask(noop_mask, q.shape[0], 1, q.shape[2], k.shape[2],
+                                           device=q.device, BLOCK_SIZE=(128, page_size))
+        paged = paged_helpers.paged_inputs(k, v, page_size, shuffle, block_mask=block_mask,
+                                           score_mod=score_mod, spare_pages=spare_pages, seed=seed)
+        return run(q, paged.k_cache, paged.v_cache, score_mod=paged.score_mod,
+                   block_mask=paged.block_mask, **kwargs)
+
+    return call
