@@ -86,7 +86,7 @@ def _split_count(options, device, batch, head_groups, kv_len, sparse_kv_block) -
     return decode_splits(multiprocessor_count(device), programs, kv_blocks)
 
 
-def _decline_when_not_decoding(options, problem, group: int) -> None:
+def _decline_when_not_decoding(options, problem) -> None:
     # A training graph that reads lse is (as far as the lowering can tell) saving it for the
     # backward: AUTO leaves that call to the fused forward, whose tiles the fused backward
     # mirrors. A forced TRITON_DECODE serves it (its out and lse are the forward's contract).
@@ -103,10 +103,6 @@ def _decline_when_not_decoding(options, problem, group: int) -> None:
     if q_len > problem.sparse_q_block:
         raise Declined(f"Q_LEN={q_len} spans several query blocks of the block mask "
                        f"(Q_BLOCK_SIZE={problem.sparse_q_block})")
-    if static_int(problem.q_heads) is None or static_int(problem.kv_heads) is None:
-        raise Declined("head counts that vary at run time: the GQA packing is fixed at compile time")
-    if group < 1:
-        raise Declined("query heads are not a multiple of key/value heads")
 
 
 def lower_decode(query, key, value, score_mod, block_mask, scale, kernel_options,
@@ -119,9 +115,11 @@ def lower_decode(query, key, value, score_mod, block_mask, scale, kernel_options
     problem = attention_problem(query, key, value, (score_mod, mask.mask_mod),
                                 mask.q_block_size, mask.kv_block_size, scale,
                                 list(score_mod_other_buffers) + list(mask_mod_other_buffers))
+    # The GQA group size, when the head counts are compile-time constants; with symbolic
+    # heads (dynamic shapes) each program takes one head and the kernel finds its KV head.
     q_heads, kv_heads = static_int(problem.q_heads), static_int(problem.kv_heads)
-    group = q_heads // kv_heads if q_heads and kv_heads and q_heads % kv_heads == 0 else 0
-    _decline_when_not_decoding(options, problem, group)
+    group = q_heads // kv_heads if q_heads and kv_heads else 1
+    _decline_when_not_decoding(options, problem)
     dtype, scale, device = problem.dtype, problem.scale, query.get_device()
     batch, q_len, kv_len = problem.batch, static_int(problem.q_len), problem.kv_len
     qk_head_dim, v_head_dim = problem.qk_head_dim, problem.v_head_dim
@@ -142,8 +140,8 @@ def lower_decode(query, key, value, score_mod, block_mask, scale, kernel_options
     if config is None:
         raise Declined(f"block mask KV_BLOCK_SIZE={sparse_kv_block}: no tl.dot key tile of "
                        f"16 or more divides it")
-    splits = _split_count(options, device, batch, q_heads // heads_per_program, kv_len,
-                          sparse_kv_block)
+    head_groups = V.graph.sizevars.optimization_hint(problem.q_heads) // heads_per_program
+    splits = _split_count(options, device, batch, head_groups, kv_len, sparse_kv_block)
 
     mods = inline_mods(score_mod, mask.mask_mod, dtype, score_mod_other_buffers,
                        mask_mod_other_buffers, device, options)
@@ -154,7 +152,7 @@ def lower_decode(query, key, value, score_mod, block_mask, scale, kernel_options
     # running max (base 2) and sum are written through mutated inputs.
     from torch._inductor.lowering import empty_strided
 
-    stats_size = [batch, q_heads, q_len, splits]
+    stats_size = [batch, problem.q_heads, q_len, splits]
     acc_layout = ir.FixedLayout(device, torch.float32, stats_size + [v_head_dim],
                                 stride=ir.FlexibleLayout.contiguous_strides(stats_size + [v_head_dim]))
     m_split = empty_strided(stats_size, None, dtype=torch.float32, device=device)
