@@ -2,7 +2,7 @@
 
 Import this module first thing in a fresh process started with ``TRITON_INTERPRET=1``
 (``tests/test_decode_interpreter.py`` does). It makes Inductor generate Triton for CPU
-tensors, lets the CUDA-only kernel candidates lower for the CPU (as an sm_90 GPU with 4
+tensors, lets the CUDA-only kernel candidates (forward and backward) lower for the CPU (as an sm_90 GPU with 4
 SMs, so the decode kernel splits its KV blocks), and fills three gaps of the interpreter
 (Triton 3.6): no active driver to hash, scalars loaded as one-element arrays where a
 Python int is needed (``range`` bounds), and no libdevice (exp2, log2, tanh of the
@@ -49,5 +49,6 @@ import inductor_flex  # noqa: E402
 from inductor_flex.lowering import decode, dispatch  # noqa: E402
 
 dispatch.FORWARD = tuple(dataclasses.replace(c, devices=()) for c in dispatch.FORWARD)
+dispatch.BACKWARD = tuple(dataclasses.replace(c, devices=()) for c in dispatch.BACKWARD)
 torch.cuda.get_device_capability = lambda *args, **kwargs: (9, 0)
 decode.multiprocessor_count = lambda device: 4

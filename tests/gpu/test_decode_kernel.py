@@ -322,7 +322,8 @@ def test_cuda_graph_replay_of_a_decode_step(device):
 
     compiled = torch.compile(step, mode="reduce-overhead")
     q0 = torch.zeros(B, Hq, 1, D, device=device, dtype=torch.bfloat16)
-    _, code = compiled_code(compiled, q0, q0[:, :Hkv], q0[:, :Hkv])
+    kv0 = q0[:, :Hkv].contiguous()
+    _, code = compiled_code(compiled, q0, kv0, kv0)
     assert DECODE_MARK in "\n".join(code)
     k_cache.zero_()
     v_cache.zero_()
