@@ -85,6 +85,9 @@ class FlexKernelOptions(TypedDict, total=False):
     APPROX_TANH: bool
     # Let Triton split the forward's KV loop into producer / consumer warps (default False).
     WARP_SPECIALIZE: bool
+    # Short-query (decode) kernel: how many programs share each row's KV blocks (default:
+    # enough for four programs per SM).
+    SPLIT_KV: int
     # AMD-specific tile knobs: accepted and ignored (no ROCm kernels here).
     kpack: int
     matrix_instr_nonkdim: int

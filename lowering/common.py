@@ -445,6 +445,78 @@ def lower_score_and_mask_mods(score_mod, mask_mod, dtype: torch.dtype, score_mod
     return score_buffer, mask_buffer
 
 
+@dataclass
+class InlinedMods:
+    """score_mod and mask_mod ready for a template: the captured buffers, realized, and the
+    two inlinable expressions (``modification`` subgraphs 0 and 1)."""
+    score_mod_buffers: list
+    mask_mod_buffers: list
+    score_buffer: object
+    mask_buffer: object
+    has_score_mod: bool
+
+    @property
+    def subgraphs(self) -> list:
+        return [self.score_buffer, self.mask_buffer]
+
+    @property
+    def captured(self) -> list:
+        return self.score_mod_buffers + self.mask_mod_buffers
+
+
+def inline_mods(score_mod, mask_mod, dtype: torch.dtype, score_mod_buffers: Sequence,
+                mask_mod_buffers: Sequence, device, options) -> InlinedMods:
+    """Realize the captured buffers and lower both mods for a forward-direction kernel;
+    ``Declined`` when a mod cannot be inlined."""
+    from .subgraphs import ModLoweringError, is_identity_score_mod
+
+    score_mod_buffers = [realize_captured(b) for b in score_mod_buffers]
+    mask_mod_buffers = [realize_captured(b) for b in mask_mod_buffers]
+    try:
+        score_buffer, mask_buffer = lower_score_and_mask_mods(
+            score_mod, mask_mod, dtype, score_mod_buffers, mask_mod_buffers, device,
+            approximate_tanh(dtype, options))
+    except ModLoweringError as error:
+        raise Declined(f"a mod the kernel cannot inline: {error}") from None
+    return InlinedMods(score_mod_buffers, mask_mod_buffers, score_buffer, mask_buffer,
+                       not is_identity_score_mod(score_mod))
+
+
+def online_softmax_constants(options, has_score_mod: bool, scale: float) -> dict:
+    """The constexprs of the online-softmax step (``attend_tile`` in common.py.jinja) that
+    the kernel options and the scale decide, for every kernel that runs it."""
+    prescale = options.flag("PRESCALE_QK")
+    # With no score_mod and a positive scale, the scale folds into the base-2 conversion
+    # (row max commutes with a positive factor), leaving one FMA per score.
+    fold_scale = folds_scale(has_score_mod, scale)
+    if fold_scale:
+        logit_scale, qk_prescale = (1.0, scale * LOG2E) if prescale else (scale * LOG2E, 1.0)
+    else:
+        logit_scale, qk_prescale = LOG2E, scale
+    return dict(
+        HAS_SCORE_MOD=has_score_mod or not fold_scale,
+        SM_SCALE=scale,
+        LOGIT_SCALE=logit_scale,
+        PRESCALE_QK=prescale,
+        QK_PRESCALE=qk_prescale,
+        ROWS_GUARANTEED_SAFE=options.flag("ROWS_GUARANTEED_SAFE"),
+        BLOCKS_ARE_CONTIGUOUS=options.flag("BLOCKS_ARE_CONTIGUOUS"),
+        WARP_SPECIALIZE=options.flag("WARP_SPECIALIZE"),
+        FLOAT32_PRECISION=float32_precision(),
+    )
+
+
+def block_mask_kernel_inputs(mask, has_full_blocks: bool) -> tuple:
+    """(the block-mask tensors a forward-direction kernel reads, realized, in its argument
+    order; the ``(indices, partial)`` pairs ``block_mask_input_generators`` takes)."""
+    inputs = [realize_fixed(mask.kv_num_blocks), realize_fixed(mask.kv_indices)]
+    lists = [(mask.kv_indices, True)]
+    if has_full_blocks:
+        inputs += [realize_fixed(mask.full_kv_num_blocks), realize_fixed(mask.full_kv_indices)]
+        lists.append((mask.full_kv_indices, False))
+    return inputs, lists
+
+
 def float32_precision() -> str:
     """The kernels' FLOAT32_PRECISION constant: how tl.dot multiplies float32 inputs,
     'ieee' where PyTorch's matmul settings ask for exact float32, else 'tf32'."""

@@ -603,3 +603,72 @@ def select_backward_configs(capability: Tuple[int, int], dtype: torch.dtype, qk_
                        if estimate(c) <= limit]
     return walkable_configs(candidates, _backward_tile_fits, _shrink_backward_to_fit,
                             sparse_q_block, sparse_kv_block)
+
+
+# ---------------------------------------------------------------------------------------
+# The short-query (decode) kernel
+# ---------------------------------------------------------------------------------------
+# Its launch is a ForwardConfig whose block_m is the packed rows (a GQA group's heads x the
+# query tokens, padded to a power of 2): only BLOCK_N, num_warps and num_stages are the
+# user's to set (fwd_ prefix first). The kernel streams K/V once, so the tile is chosen for
+# bandwidth, not reuse: 64 keys per step (32 past head dim 128), a three-deep pipeline.
+
+# Queries this long or shorter take the decode kernel (the forward's smallest query tile).
+DECODE_MAX_Q_LEN = 64
+# Packed rows per program at most: the accumulator is rows x head dim float32 registers.
+DECODE_MAX_ROWS = 64
+# Programs to launch per SM when splitting the KV sequence (several waves hide the tail).
+DECODE_PROGRAMS_PER_SM = 4
+DECODE_MAX_SPLITS = 128
+
+_DECODE_OPTION_FIELDS = {
+    "BLOCK_N": "block_n",
+    "num_warps": "num_warps",
+    "num_stages": "num_stages",
+}
+
+
+def decode_heads_per_program(group: int, q_len: int, mask_heads_broadcast: bool) -> int:
+    """How many query heads of one GQA group a decode program packs into its rows: the
+    largest divisor of ``group`` whose heads x ``q_len`` rows fit ``DECODE_MAX_ROWS`` (a
+    divisor, so a program never straddles two KV heads); 1 when the block mask differs
+    per head (the packed rows must share one block-mask row)."""
+    if not mask_heads_broadcast:
+        return 1
+    return max(h for h in range(1, group + 1)
+               if group % h == 0 and (h * q_len <= DECODE_MAX_ROWS or h == 1))
+
+
+def decode_rows(heads_per_program: int, q_len: int) -> int:
+    """The packed rows as the tile holds them: a power of 2 of at least 16 (tl.dot)."""
+    return padded_head_dim(heads_per_program * q_len)
+
+
+def select_decode_config(capability: Tuple[int, int], dtype: torch.dtype, qk_head_dim: int,
+                         v_head_dim: int, rows: int, sparse_kv_block: int,
+                         kernel_options: Mapping, gathered_bytes: int = 0) -> Optional[ForwardConfig]:
+    """The decode kernel's launch, or None when no key tile of at least 16 divides the
+    block mask's KV_BLOCK_SIZE. A user's BLOCK_N must walk the block mask (ValueError)."""
+    fixed = tile_options(kernel_options, _DECODE_OPTION_FIELDS)
+    _check_user_tiles(fixed, _DECODE_OPTION_FIELDS, sparse_kv_block, sparse_kv_block,
+                      "decode key tile")
+    widest = max(padded_head_dim(qk_head_dim), padded_head_dim(v_head_dim))
+    block_n = _halved_to_divide(64 if widest <= 128 else 32, sparse_kv_block)
+    num_warps = 4 if rows * padded_head_dim(v_head_dim) <= 64 * 128 else 8
+    config = replace(ForwardConfig(rows, block_n, num_warps, 3), **fixed)
+    if "num_stages" not in fixed:
+        config = fewer_stages_to_fit(
+            config, lambda c: estimated_shared_memory(c, dtype, qk_head_dim, v_head_dim, gathered_bytes),
+            shared_memory_limit(capability))
+    return config if _tile_walks(config.block_n, sparse_kv_block) else None
+
+
+def decode_splits(num_sms: int, programs: int, kv_blocks: Optional[int]) -> int:
+    """Into how many programs each (batch, head group)'s KV blocks are split: enough for
+    ``DECODE_PROGRAMS_PER_SM`` programs per SM over ``programs`` (batch x head groups),
+    never more than the KV blocks when their number is known at compile time (a growing
+    cache is not: its splits then run partly empty), at most ``DECODE_MAX_SPLITS``."""
+    splits = -(-DECODE_PROGRAMS_PER_SM * num_sms // max(1, programs))
+    if kv_blocks is not None:
+        splits = min(splits, kv_blocks)
+    return max(1, min(splits, DECODE_MAX_SPLITS))

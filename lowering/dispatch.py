@@ -8,7 +8,7 @@ implementation, serves every call.
 
 ``kernel_options["BACKEND"]`` narrows the list: ``"AUTO"`` (default) tries all;
 ``"TRITON"`` only the fused Triton kernels; ``"TRITON_DECODE"`` only the short-query
-kernel (none yet: issue #18 adds it, so today that backend raises). An explicit backend that cannot serve the call is an error naming the reason,
+kernel (``decode.py``). An explicit backend that cannot serve the call is an error naming the reason,
 never a silent substitute. ``FORCE_USE_FLEX_ATTENTION`` keeps ``"AUTO"`` off the
 short-query kernel.
 
@@ -53,6 +53,8 @@ class Candidate:
 
 
 FORWARD = (
+    Candidate("split-KV Triton decode", "decode.lower_decode", ("AUTO", "TRITON_DECODE"), ("cuda",),
+              short_query=True),
     Candidate("fused Triton forward", "forward.lower_forward", ("AUTO", "TRITON"), ("cuda",)),
     Candidate("extern dense forward", "extern.lower_forward_extern", ("AUTO",)),
 )

@@ -22,22 +22,19 @@ from torch._inductor import ir
 from inductor_flex._block_lists import OperatorBlockMask
 
 from .common import (
-    LOG2E,
-    approximate_tanh,
-    float32_precision,
-    folds_scale,
     attention_problem,
     block_mask_input_generators,
+    block_mask_kernel_inputs,
+    cached_template,
     choose_kernel,
     dense_strides_like,
+    inline_mods,
     known_true,
     listed_block_kinds,
-    lower_score_and_mask_mods,
+    online_softmax_constants,
     output_used,
-    realize_captured,
     realize_fixed,
     record_subgraph_symbols,
-    cached_template,
     shape_constants,
     tma_possible,
 )
@@ -47,9 +44,7 @@ from .configs import configs_summary, select_forward_configs
 from .subgraphs import (
     MASK_MOD_PLACEHOLDERS,
     SCORE_MOD_PLACEHOLDERS,
-    ModLoweringError,
     gathered_bytes_per_score,
-    is_identity_score_mod,
 )
 
 
@@ -74,8 +69,6 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     options = PassOptions(kernel_options, FORWARD)
     kernel_options = dict(kernel_options or {})
     mask = OperatorBlockMask(*block_mask)
-    kv_num_blocks, kv_indices = mask.kv_num_blocks, mask.kv_indices
-    full_kv_num_blocks, full_kv_indices = mask.full_kv_num_blocks, mask.full_kv_indices
     sparse_q_block, sparse_kv_block, mask_mod = mask.q_block_size, mask.kv_block_size, mask.mask_mod
 
     problem = attention_problem(query, key, value, (score_mod, mask_mod), sparse_q_block,
@@ -90,7 +83,7 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     # What the block mask's contents tell at compile time: with no mask given, flex_attention
     # builds one in the graph (no partial blocks, every block full and in order).
     has_partial_blocks, has_full_blocks = listed_block_kinds(
-        kv_num_blocks, full_kv_num_blocks, full_kv_indices)
+        mask.kv_num_blocks, mask.full_kv_num_blocks, mask.full_kv_indices)
 
     capability = problem.capability
     gathered = (gathered_bytes_per_score(score_mod, SCORE_MOD_PLACEHOLDERS, score_mod_other_buffers)
@@ -105,21 +98,12 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
 
     # --- score_mod / mask_mod -> inlinable expressions ---------------------------------------
     device = query.get_device()
-    score_mod_other_buffers = [realize_captured(b) for b in score_mod_other_buffers]
-    mask_mod_other_buffers = [realize_captured(b) for b in mask_mod_other_buffers]
-    has_score_mod = not is_identity_score_mod(score_mod)
-    try:
-        score_buffer, mask_buffer = lower_score_and_mask_mods(
-            score_mod, mask_mod, dtype, score_mod_other_buffers, mask_mod_other_buffers, device,
-            approximate_tanh(dtype, options))
-    except ModLoweringError as error:
-        raise Declined(f"a mod the kernel cannot inline: {error}") from None
+    mods = inline_mods(score_mod, mask_mod, dtype, score_mod_other_buffers,
+                       mask_mod_other_buffers, device, options)
 
     # --- inputs and outputs -------------------------------------------------------------------
     query, key, value = (realize_fixed(x) for x in (query, key, value))
-    mask_inputs = [realize_fixed(kv_num_blocks), realize_fixed(kv_indices)]
-    if has_full_blocks:
-        mask_inputs += [realize_fixed(full_kv_num_blocks), realize_fixed(full_kv_indices)]
+    mask_inputs, block_lists = block_mask_kernel_inputs(mask, has_full_blocks)
 
     from torch._inductor.lowering import empty_strided
 
@@ -141,33 +125,17 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
     input_nodes = [query, key, value, lse, max_argument] + mask_inputs
 
     # --- constants decided here, not in the kernel ---------------------------------------------
-    prescale = options.flag("PRESCALE_QK")
-    # With no score_mod and a positive scale, the scale folds into the base-2 conversion
-    # (row max commutes with a positive factor), leaving one FMA per score.
-    fold_scale = folds_scale(has_score_mod, scale)
-    if fold_scale:
-        logit_scale, qk_prescale = (1.0, scale * LOG2E) if prescale else (scale * LOG2E, 1.0)
-    else:
-        logit_scale, qk_prescale = LOG2E, scale
     # TMA: a config's preference unless the user says; only where the GPU and layouts allow.
     tma_requested = options.get("USE_TMA")
     tma_allowed = tma_possible(capability, (query, key, value))
     divisible = (known_true(sympy.Eq(sympy.Mod(kv_len, sparse_kv_block), 0)))
     constants = dict(
         shape_constants(problem),
+        **online_softmax_constants(options, mods.has_score_mod, scale),
         HAS_PARTIAL_BLOCKS=has_partial_blocks,
         HAS_FULL_BLOCKS=has_full_blocks,
-        HAS_SCORE_MOD=has_score_mod or not fold_scale,
-        SM_SCALE=scale,
-        LOGIT_SCALE=logit_scale,
-        PRESCALE_QK=prescale,
-        QK_PRESCALE=qk_prescale,
-        ROWS_GUARANTEED_SAFE=options.flag("ROWS_GUARANTEED_SAFE"),
-        BLOCKS_ARE_CONTIGUOUS=options.flag("BLOCKS_ARE_CONTIGUOUS"),
-        WARP_SPECIALIZE=options.flag("WARP_SPECIALIZE"),
         OUTPUT_LOGSUMEXP=output_used(1, options.flag("OUTPUT_LOGSUMEXP", True)),
         OUTPUT_MAX=output_max,
-        FLOAT32_PRECISION=float32_precision(),
     )
 
     # --- one choice per config -----------------------------------------------------------------
@@ -185,14 +153,12 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         constexprs["IS_DIVISIBLE"] = divisible and known_true(sympy.Eq(sympy.Mod(q_len, config.block_m), 0))
         launches.append((config.num_warps, config.num_stages, constexprs))
 
-    block_lists = [(kv_indices, True)] + ([(full_kv_indices, False)] if has_full_blocks else [])
     out = choose_kernel(
         forward_template(), "attention", launches, input_nodes=input_nodes, layout=layout,
-        subgraphs=[score_buffer, mask_buffer],
+        subgraphs=mods.subgraphs,
         mutated_inputs=[lse, max_scores] if output_max else [lse],
         call_sizes=query.get_size(),
         input_generators=block_mask_input_generators(5, block_lists, has_full_blocks),
         describe=configs_summary(configs))
-    record_subgraph_symbols(out, score_mod_other_buffers + mask_mod_other_buffers,
-                             [score_buffer, mask_buffer])
+    record_subgraph_symbols(out, mods.captured, mods.subgraphs)
     return out, lse, max_scores

@@ -16,7 +16,7 @@ BACKWARD = "BWD_"
 # Every FlexKernelOptions key (without a pass prefix) -> what reads it.
 KEYS = {
     "BLOCK_M": "forward tile rows (configs.select_forward_configs)",
-    "BLOCK_N": "forward tile keys (configs.select_forward_configs)",
+    "BLOCK_N": "forward and decode tile keys (configs.select_forward_configs, select_decode_config)",
     "BLOCK_M1": "backward dK/dV tile query rows (configs.select_backward_configs)",
     "BLOCK_N1": "backward dK/dV tile keys (configs.select_backward_configs)",
     "BLOCK_M2": "backward dQ tile query rows (configs.select_backward_configs)",
@@ -31,7 +31,8 @@ KEYS = {
     "APPROX_TANH": "both passes: the hardware tanh in half precision (forward.py, backward.py)",
     "WARP_SPECIALIZE": "forward: Triton's warp specialization of the KV loop (forward.py)",
     "BACKEND": "which kernel family serves the call (dispatch.py)",
-    "FORCE_USE_FLEX_ATTENTION": "never the short-query kernel (dispatch.py; none exists yet)",
+    "FORCE_USE_FLEX_ATTENTION": "never the short-query kernel (dispatch.py)",
+    "SPLIT_KV": "short-query kernel: programs per row's KV blocks (decode.py; default from the SM count)",
     # Accepted so that code written for PyTorch runs unchanged, and ignored:
     "WRITE_DQ": "ignored: the fused backward adds buffer gradients in its dK/dV programs",
     "KPACK": "ignored: AMD tile knob; no ROCm kernels here",

@@ -105,3 +105,15 @@ def test_benchmark_scripts_use_the_shared_pieces(capsys):
     out = capsys.readouterr().out
     assert "small | causal | 400     | 350   | 1.14" in out
     assert "small | causal | err" in out
+
+
+def test_decode_benchmark_pieces():
+    decode = load_script("bench_decode")
+    assert decode.bench_ms is bench.bench_ms and decode.print_markdown is bench.print_markdown
+    k = torch.zeros(2, 4, 1000, 64, dtype=torch.bfloat16)
+    assert decode.kv_bytes_read(k, k, None) == 2 * 4 * 1000 * 64 * 2 * 2
+    window = decode.window_mask(999, 256)
+    assert torch.equal(window(0, 0, torch.tensor(0), torch.arange(1000)), torch.arange(1000) >= 744)
+    row = dict(ours_GBps=1234.5, pt_error="boom")
+    assert (decode.fmt(row, "ours_GBps", ".0f"), decode.fmt(row, "pt_GBps", ".0f"),
+            decode.fmt(row, "sdpa_GBps", ".0f")) == ("1234", "err", "-")

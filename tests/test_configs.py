@@ -270,3 +270,46 @@ def test_unknown_gpu_is_logged_once_at_debug_level(caplog):
     lines = [r for r in caplog.records if r.name == "inductor_flex.lowering.configs"]
     assert len(lines) == 1 and lines[0].levelno == logging.DEBUG
     assert "(99, 1)" in lines[0].getMessage() and "no TMA" in lines[0].getMessage()
+
+
+# ---------------------------------------------------------------------------------------
+# The decode kernel's launch (configs.decode_*)
+# ---------------------------------------------------------------------------------------
+
+def test_decode_packs_the_largest_group_divisor_that_fits():
+    from inductor_flex.lowering.configs import decode_heads_per_program, decode_rows
+
+    assert decode_heads_per_program(4, 1, True) == 4
+    assert decode_heads_per_program(5, 4, True) == 5          # 20 rows, padded to 32
+    assert decode_rows(5, 4) == 32 and decode_rows(4, 1) == 16
+    assert decode_heads_per_program(5, 16, True) == 1         # 80 rows do not fit 64
+    assert decode_heads_per_program(4, 16, True) == 4
+    assert decode_heads_per_program(8, 16, True) == 4
+    assert decode_heads_per_program(4, 64, True) == 1
+    assert decode_heads_per_program(4, 1, False) == 1         # a block mask per head
+
+
+def test_decode_splits_fill_the_sms():
+    from inductor_flex.lowering.configs import decode_splits
+
+    assert decode_splits(132, 64, 256) == 9      # B=8 x 8 KV heads, 32k keys
+    assert decode_splits(132, 8, 1024) == 66     # B=1, 128k keys
+    assert decode_splits(132, 512, 16) == 2      # B=64, 2k keys
+    assert decode_splits(132, 8, 3) == 3         # never more splits than blocks
+    assert decode_splits(132, 1, None) == 128    # unknown length: capped
+    assert decode_splits(132, 10_000, 100) == 1
+
+
+def test_decode_config_tile_and_user_options():
+    from inductor_flex.lowering.configs import select_decode_config
+
+    config = select_decode_config(HOPPER, torch.bfloat16, 128, 128, 16, 128, {})
+    assert (config.block_m, config.block_n, config.num_warps, config.num_stages) == (16, 64, 4, 3)
+    assert select_decode_config(HOPPER, torch.float32, 256, 256, 64, 128, {}).block_n == 32
+    assert select_decode_config(HOPPER, torch.bfloat16, 64, 64, 16, 32, {}).block_n == 32
+    assert select_decode_config(HOPPER, torch.bfloat16, 64, 64, 16, 8, {}) is None
+    fixed = select_decode_config(HOPPER, torch.bfloat16, 64, 64, 16, 128,
+                                 {"FWD_BLOCK_N": 128, "NUM_STAGES": 2})
+    assert (fixed.block_n, fixed.num_stages) == (128, 2)
+    with pytest.raises(ValueError, match="BLOCK_N=48: the decode key tile must be a power of 2"):
+        select_decode_config(HOPPER, torch.bfloat16, 64, 64, 16, 128, {"BLOCK_N": 48})

@@ -54,7 +54,7 @@ def test_bad_backend_values_raise_before_any_kernel(compiled):
 
 @pytest.mark.parametrize("backend,why", [
     ("TRITON", "fused Triton forward: compiles for cuda, not cpu"),
-    ("TRITON_DECODE", "no kernel of that family exists here"),
+    ("TRITON_DECODE", "split-KV Triton decode: compiles for cuda, not cpu"),
     ("FLASH", "no kernel of that family exists here"),
 ])
 def test_an_explicit_backend_that_cannot_serve_raises(backend, why):

@@ -298,6 +298,7 @@ EXTRA_KERNEL_OPTIONS = {
     *(f"{prefix}_{knob}" for prefix in ("fwd", "bwd") for knob in ("num_warps", "num_stages")),
     "fwd_BLOCK_M", "fwd_BLOCK_N", "bwd_BLOCK_M1", "bwd_BLOCK_N1", "bwd_BLOCK_M2", "bwd_BLOCK_N2",
     "EARLY_DP", "APPROX_TANH", "WARP_SPECIALIZE",
+    "SPLIT_KV",  # PyTorch's decode lowering reads it too, undeclared
 }
 
 # Parameters torch 2.13 added: with an older torch installed we still offer them.
