@@ -11,7 +11,7 @@ For each shape (issue #18) it times, with ``triton.testing.do_bench`` (median):
               (dense: it sees no block sparsity; for the sliding-window row it reads the
               whole cache, which is what SDPA decoding does),
 - ``paged``:  with ``--paged``, ours through ``inductor_flex.paged_attention.PagedAttention``
-              when that module exists (the PagedAttention work adds it; see ``paged_case``).
+              (pages shuffled; see ``paged_case``).
 
 and reports GB/s of K/V bytes the attention must read (the listed blocks only: for the
 sliding window, the window), plus ratios against SDPA and PyTorch's FlexAttention. Each
@@ -21,9 +21,9 @@ compiled result is checked against SDPA / the float64 reference before timing.
     python3 -P $R/benchmarks/bench_decode.py --smoke                      # one small shape, fast
 """
 import argparse
-import importlib.util
 import json
 import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -60,33 +60,18 @@ def kv_bytes_read(k, v, block_mask):
 
 
 def paged_case(q, k, v, mask_mod):
-    """The paged column: a callable running ours over a PagedAttention cache holding k, v,
-    or None (with the reason logged) when ``inductor_flex.paged_attention`` is absent.
-
-    Hook for the PagedAttention work: it needs ``PagedAttention(n_pages, page_size,
-    max_batch_size, device=...)``, ``reserve``, ``assign`` and ``convert_logical_block_mask``
-    with PyTorch's experimental semantics."""
-    if importlib.util.find_spec("inductor_flex.paged_attention") is None:
-        log("paged: inductor_flex.paged_attention does not exist yet; column skipped")
-        return None
+    """The paged column: ours over a PagedAttention cache holding k, v in shuffled pages of
+    128 tokens (``_paged.paged_inputs``), with the block mask converted to it."""
     import inductor_flex
-    from inductor_flex.paged_attention import PagedAttention
+    sys.path.insert(0, str(Path(__file__).resolve().parent))  # run as a script, under -P too
+    from _paged import paged_inputs
 
-    B, Hkv, N, D = k.shape
-    page = 128
-    pages_per_seq = -(-N // page)
-    paged = PagedAttention(B * pages_per_seq, page, B, device=q.device)
-    k_cache = torch.zeros(1, Hkv, B * pages_per_seq * page, D, device=q.device, dtype=k.dtype)
-    v_cache = torch.zeros(1, Hkv, B * pages_per_seq * page, v.shape[-1], device=q.device, dtype=v.dtype)
-    positions = torch.arange(N, device=q.device).expand(B, N)
-    for b in range(B):
-        paged.reserve(torch.tensor(b, device=q.device), torch.tensor(N, device=q.device))
-    paged.assign(torch.arange(B, device=q.device), positions, k, v, k_cache, v_cache)
-    logical = inductor_flex.create_block_mask(mask_mod or (lambda b, h, q_, kv: kv >= 0),
-                                              B, None, q.shape[2], N, device=q.device)
-    physical = paged.convert_logical_block_mask(logical)
+    B, _, N, _ = k.shape
+    logical = inductor_flex.create_block_mask(mask_mod or inductor_flex.noop_mask, B, None,
+                                              q.shape[2], N, device=q.device)
+    paged = paged_inputs(k, v, 128, shuffle=True, block_mask=logical, q_len=q.shape[2])
     compiled = torch.compile(inductor_flex.flex_attention)
-    return lambda: compiled(q, k_cache, v_cache, block_mask=physical, enable_gqa=True)
+    return lambda: compiled(q, paged.k_cache, paged.v_cache, block_mask=paged.block_mask, enable_gqa=True)
 
 
 def run_shape(name, shape, args, rows, report):
