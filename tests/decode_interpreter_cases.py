@@ -18,32 +18,10 @@ import triton_interpreter  # noqa: E402,F401  (must come before torch compiles a
 import torch  # noqa: E402
 from torch._inductor.utils import run_and_get_code  # noqa: E402
 
-from flex_check import check_against_golden, qkv  # noqa: E402
+from flex_check import alibi, causal_at, check_against_golden, qkv, sliding_window_at, softcap  # noqa: E402
 from inductor_flex import AuxRequest, create_block_mask, flex_attention  # noqa: E402
 
 DECODE = {"BACKEND": "TRITON_DECODE"}
-
-
-def causal_at(offset):
-    def mask(b, h, q_idx, kv_idx):
-        return q_idx + offset >= kv_idx
-    return mask
-
-
-def sliding_window_at(offset, window):
-    def mask(b, h, q_idx, kv_idx):
-        return (q_idx + offset >= kv_idx) & (q_idx + offset - kv_idx <= window)
-    return mask
-
-
-def alibi(slopes):
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + slopes[h] * (kv_idx - q_idx)
-    return score_mod
-
-
-def softcap(score, b, h, q_idx, kv_idx):
-    return 2.0 * torch.tanh(score / 2.0)
 
 
 def run_decode(q, k, v, **kwargs):

@@ -303,3 +303,35 @@ def paged_flex(run=flex_attention, page_size=128, shuffle=True, spare_pages=3, s
                    block_mask=paged.block_mask, **kwargs)
 
     return call
+
+
+# ---- mods for short-query (decode) cases: the query tokens stand at the end of the cache ----
+
+def causal_at(offset):
+    """Causal for query tokens standing at positions offset, offset + 1, ..."""
+    def mask(b, h, q_idx, kv_idx):
+        return q_idx + offset >= kv_idx
+    return mask
+
+
+def sliding_window_at(offset, window):
+    def mask(b, h, q_idx, kv_idx):
+        return (q_idx + offset >= kv_idx) & (q_idx + offset - kv_idx <= window)
+    return mask
+
+
+def alibi(slopes):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + slopes[h] * (kv_idx - q_idx)
+    return score_mod
+
+
+SOFTCAP = 2.0
+# tanh.approx.f32 (half dtypes) is within 2^-10.9 relative of tanh: lse may move by that.
+APPROX_TANH_ALLOWANCE = SOFTCAP * 2.0 ** -10.9
+# tanh.approx.f32 (half dtypes) is within 2^-10.9 relative of tanh: lse may move by that.
+APPROX_TANH_ALLOWANCE = SOFTCAP * 2.0 ** -10.9
+
+
+def softcap(score, b, h, q_idx, kv_idx):
+    return SOFTCAP * torch.tanh(score / SOFTCAP)

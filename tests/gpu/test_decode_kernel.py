@@ -7,6 +7,11 @@ import torch
 
 from inductor_flex import AuxRequest, BlockMask, create_block_mask, flex_attention
 from flex_check import (
+    APPROX_TANH_ALLOWANCE,
+    alibi,
+    causal_at,
+    sliding_window_at,
+    softcap,
     check_against_golden,
     check_grads_against_golden,
     compiled_code,
@@ -18,34 +23,6 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 KV_LEN = 1000  # not a multiple of the 128-key block: the ragged edge is always exercised
 DECODE_MARK = "inductor_flex decode"      # the decode template's header comment
 FORWARD_MARK = "inductor_flex forward"    # the fused forward's
-
-
-def causal_at(offset):
-    """Causal for query tokens standing at positions offset, offset + 1, ..."""
-    def mask(b, h, q_idx, kv_idx):
-        return q_idx + offset >= kv_idx
-    return mask
-
-
-def sliding_window_at(offset, window):
-    def mask(b, h, q_idx, kv_idx):
-        return (q_idx + offset >= kv_idx) & (q_idx + offset - kv_idx <= window)
-    return mask
-
-
-def alibi(slopes):
-    def score_mod(score, b, h, q_idx, kv_idx):
-        return score + slopes[h] * (kv_idx - q_idx)
-    return score_mod
-
-
-SOFTCAP = 2.0
-# tanh.approx.f32 (half dtypes) is within 2^-10.9 relative of tanh: lse may move by that.
-APPROX_TANH_ALLOWANCE = SOFTCAP * 2.0 ** -10.9
-
-
-def softcap(score, b, h, q_idx, kv_idx):
-    return SOFTCAP * torch.tanh(score / SOFTCAP)
 
 
 def mask_kwargs(name, q_len, kv_len, device):
