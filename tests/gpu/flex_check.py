@@ -329,8 +329,6 @@ def alibi(slopes):
 SOFTCAP = 2.0
 # tanh.approx.f32 (half dtypes) is within 2^-10.9 relative of tanh: lse may move by that.
 APPROX_TANH_ALLOWANCE = SOFTCAP * 2.0 ** -10.9
-# tanh.approx.f32 (half dtypes) is within 2^-10.9 relative of tanh: lse may move by that.
-APPROX_TANH_ALLOWANCE = SOFTCAP * 2.0 ** -10.9
 
 
 def softcap(score, b, h, q_idx, kv_idx):
