@@ -257,16 +257,20 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
 
     Under compile the lengths may be symbolic, and any tensor whose size is a block count
     makes Dynamo guard on whether that count is 1 (a recompile when a length crosses 128).
-    So there each side gets one spare block row and one spare index column that no count
-    reaches, keeping every size provably at least 2, and the rows are materialized
-    (O(blocks^2) int32, as any block mask of that size). The spare column repeats the last
-    block, so a reader that walks every column (autotuning's inputs) stays in bounds.
-    Dynamo reads a traced length as a plain int, so whether we compile is the test.
+    So on the CPU each side then gets one spare block row and one spare index column that
+    no count reaches, keeping every size provably at least 2, and the rows are materialized
+    (O(blocks^2) int32, as any block mask of that size). Dynamo reads a traced length as a
+    plain int, so whether we compile is the test.
+
+    CUDA keeps the stride-0 layout (one recompile at 128, issue #16 section 4 open): with
+    spare rows the fused CUDA forward under dynamic=True gave wrong outputs and then an
+    illegal address (H200, 2026-12-03, twice with two variants of the spare layout), while
+    static shapes were right; the cause is not found yet.
     """
     block = _DEFAULT_SPARSE_BLOCK_SIZE
-    q_blocks = (q_len + block - 1) // block  # floor of non-negatives: no negative division in
-    kv_blocks = (kv_len + block - 1) // block  # generated code, where C and Python disagree
-    spare = 1 if torch.compiler.is_compiling() else 0
+    q_blocks = -(-q_len // block)
+    kv_blocks = -(-kv_len // block)
+    spare = 1 if torch.compiler.is_compiling() and torch.device(device).type == "cpu" else 0
 
     def side(rows, cols):
         no_partial = torch.zeros((1, 1, rows + spare), dtype=torch.int32, device=device)
