@@ -253,7 +253,8 @@ def attention_ratio_rows(smoke: bool) -> list:
             forward(q, k, v, block_mask=block_mask)
             forward_ms = bench_ms(lambda: forward(q, k, v, block_mask=block_mask))
         mask_ms = _cuda_measure(build, 3 if smoke else 20)["ms"]
-        rows.append(dict(library=name, S=S, mask_ms=mask_ms, forward_ms=forward_ms, ratio=mask_ms / forward_ms))
+        rows.append(dict(library=name, shape="B{B} H{H} S{S} D{D} bf16".format(**shape), mask_ms=mask_ms,
+                         forward_ms=forward_ms, ratio=mask_ms / forward_ms))
     return rows
 
 
@@ -274,8 +275,8 @@ def print_cuda(table: list, ratios: list) -> None:
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}; ratio = ms / PyTorch _compile=True ms")
     print_markdown(["mask", "tokens", "implementation", "first (s)", "median (ms)", "peak extra (MB)",
                     "ratio"], lines)
-    print_markdown(["library", "S", "causal mask ms", "forward ms (B=4 H=16 D=128 bf16)", "mask / forward"],
-                   [[r["library"], r["S"], f"{r['mask_ms']:.3f}", f"{r['forward_ms']:.3f}", f"{r['ratio']:.3f}"]
+    print_markdown(["library", "forward (causal, compiled)", "causal mask ms", "forward ms", "mask / forward"],
+                   [[r["library"], r["shape"], f"{r['mask_ms']:.3f}", f"{r['forward_ms']:.3f}", f"{r['ratio']:.3f}"]
                     for r in ratios])
 
 
