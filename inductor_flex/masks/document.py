@@ -63,7 +63,9 @@ def _checked_host_values(function: str, where: str, packing) -> Tensor:
         raise ValueError(f"{function}: {where} must hold integers, got dtype {values.dtype}")
     if values.dim() != 1 or values.numel() == 0:
         raise ValueError(f"{function}: {where} must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
-    return values.to(torch.int64)
+    # A copy in fresh (pageable) memory: the non-blocking copy to the device is then staged
+    # before it returns, even where the caller's tensor is pinned and changed right after.
+    return values.to(torch.int64, copy=True)
 
 
 def _check_offsets(function: str, where: str, values: Tensor, from_lengths: bool) -> None:
