@@ -13,7 +13,8 @@ times with ``triton.testing.do_bench`` (median)
   ``torch.autograd.grad(out, (q, k, v), grad_out, retain_graph=True)`` per iteration
   (donated buffers are switched off so that the compiled backward may run again);
 - forward + backward: a fresh forward and its gradients per iteration;
-- the first call (forward + backward, which compiles both) as the compile time.
+- the first call (forward + backward, which compiles both) as the compile time, compiled
+  from nothing (``inductor_flex.bench.cold_compile_caches``).
 
 TFLOP/s count only the unmasked work: the forward is ``4 * B * H * S * S * D * density``,
 the backward 2.5 times that, forward + backward 3.5 times. Ratios are pt time / ours time
@@ -76,7 +77,7 @@ def measure_library(flex, block_mask, options, score_mod, inputs, grad_out, mode
         out = forward()
         return (out,) + torch.autograd.grad(out, inputs, grad_out)
 
-    first, compile_s = first_call(forward_backward)
+    first, compile_s = first_call(forward_backward, cold=MODES[mode] is not None)
     # Detaching drops the first call's graph (and what it saved) right away.
     first = tuple(t.detach() for t in first) if keep_results else None
     bwd_ms = backward_ms(forward, inputs, grad_out, bench)

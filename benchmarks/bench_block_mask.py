@@ -1,6 +1,6 @@
-"""Block-mask construction on the CPU: time and peak extra memory.
+"""Block-mask construction: time and peak extra memory, on the CPU (default) or CUDA.
 
-Cases:
+CPU cases (``--device cpu``):
   * causal mask, create_block_mask, S = 16k / 32k / 128k (128k: the memory-bound check,
     which must stay under 1 GB of extra memory);
   * packed documents, create_document_block_mask at 1M tokens (random lengths summing to
@@ -9,13 +9,26 @@ Cases:
     reference, where its estimated peak (~10 bytes per pair) stays within 10 GB; otherwise
     the table says so.
 
-Every measurement runs in a fresh subprocess. "Peak extra" is the growth of the process's
-peak resident set (VmHWM, reset just before the call) over its resident set before the
-call: everything the construction allocated at its high point, result included.
+Every CPU measurement runs in a fresh subprocess. "Peak extra" is the growth of the
+process's peak resident set (VmHWM, reset just before the call) over its resident set
+before the call: everything the construction allocated at its high point, result included.
 For the document constructor at 1M tokens the first call of a process is shown apart
 (it touches ~1 GB of never-used memory) from the best of the following calls.
 
-Usage: python benchmarks/bench_block_mask.py [--quick] [--threads N]
+CUDA cases (``--device cuda``; issue 20's table), one process, B = H = 1 (None):
+  * causal create_block_mask at S = 8k / 32k / 128k: ours by default and with
+    ``_compile=True``, PyTorch's both ways (its eager form where ~10 B per pair fits);
+  * packed documents at 64k and 1M tokens: our create_document_block_mask from host
+    lengths and from device offsets with ``total_length`` (no host sync), and the generic
+    create_block_mask of both libraries on the same element mask (a closure over the
+    per-token document ids on the GPU) where it is affordable;
+  * the ratio of the causal mask's construction (S = 8192) to the compiled forward it
+    serves (B=4, H=16, D=128, bf16), ours and PyTorch's.
+Times are wall-clock medians of synchronised calls after a first call (shown apart: it
+compiles); "peak extra" is ``torch.cuda.max_memory_allocated`` over the allocation before
+the call (result included).
+
+Usage: python benchmarks/bench_block_mask.py [--device cpu|cuda] [--quick] [--smoke] [--threads N]
 """
 import argparse
 import json
@@ -103,9 +116,177 @@ def _child(name: str, size: int, repeats: int, threads) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# ---------------------------------------------------------------------------------------
+# CUDA
+# ---------------------------------------------------------------------------------------
+
+# PyTorch's eager create_block_mask holds ~10 bytes per pair on the GPU too (10.5 GB at
+# 32k x 32k); it is run only where that stays within 40 GB.
+PYTORCH_CUDA_LIMIT_BYTES = 40 << 30
+
+
+def _cuda_measure(build, repeats: int) -> dict:
+    """First call (compiles where it compiles), median of ``repeats`` more synchronised
+    calls, and the peak memory allocated over the allocation before one call."""
+    import gc
+    import statistics
+
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    result = build()
+    torch.cuda.synchronize()
+    first = time.perf_counter() - start
+    del result
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    result = build()
+    torch.cuda.synchronize()
+    peak_extra = torch.cuda.max_memory_allocated() - before
+    del result
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = build()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+        del result
+    return {"first_s": first, "ms": 1e3 * statistics.median(times), "peak_extra_mb": peak_extra / 2**20}
+
+
+def _cuda_row(table: list, case: str, tokens: int, implementation: str, build, repeats: int,
+              skip_reason: str = "") -> dict:
+    from inductor_flex.bench import free_device_memory, log, one_line
+
+    row = dict(case=case, tokens=tokens, implementation=implementation)
+    if skip_reason:
+        row["note"] = skip_reason
+    else:
+        log(f"{case} {tokens}: {implementation}")
+        try:
+            row.update(_cuda_measure(build, repeats))
+        except Exception as error:  # keep going: one failure should not lose the table
+            row["note"] = one_line(error)
+            free_device_memory("cuda")
+    table.append(row)
+    return row
+
+
+def _document_ids_on(lengths: torch.Tensor, device: str) -> torch.Tensor:
+    return torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths).to(device)
+
+
+def run_cuda(smoke: bool, quick: bool) -> list:
+    """Every CUDA row (dicts: case, tokens, implementation, first_s, ms, peak_extra_mb or note)."""
+    from torch.nn.attention import flex_attention as torch_flex
+
+    import inductor_flex
+    from inductor_flex.masks import create_document_block_mask
+
+    device = "cuda"
+    repeats = 3 if smoke else 10
+    causal_sizes = [1024, 4096] if smoke else [8192, 32768] + ([] if quick else [131072])
+    document_sizes = [8192] if smoke else [1 << 16, ONE_M]
+    table = []
+    builders = {
+        "ours": lambda mod, n, **kw: inductor_flex.create_block_mask(mod, None, None, n, n, device=device, **kw),
+        "ours _compile=True": lambda mod, n, **kw: inductor_flex.create_block_mask(
+            mod, None, None, n, n, device=device, _compile=True, **kw),
+        "PyTorch": lambda mod, n, **kw: torch_flex.create_block_mask(mod, None, None, n, n, device=device, **kw),
+        "PyTorch _compile=True": lambda mod, n, **kw: torch_flex.create_block_mask(
+            mod, None, None, n, n, device=device, _compile=True, **kw),
+    }
+
+    for size in causal_sizes:
+        for name, build in builders.items():
+            needed = PYTORCH_BYTES_PER_PAIR * size * size
+            skip = (f"not run: needs ~{needed / 2**30:,.0f} GiB (~10 B per pair)"
+                    if name == "PyTorch" and needed > PYTORCH_CUDA_LIMIT_BYTES else "")
+            _cuda_row(table, "causal", size, name, lambda build=build, size=size: build(_causal, size),
+                      repeats, skip)
+
+    for size in document_sizes:
+        lengths = _document_lengths(size)
+        offsets_on_device = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(device)
+        _cuda_row(table, "document", size, "ours create_document_block_mask (host lengths)",
+                  lambda lengths=lengths: create_document_block_mask(lengths=lengths, device=device), repeats)
+        _cuda_row(table, "document", size, "ours create_document_block_mask (device offsets, total_length)",
+                  lambda o=offsets_on_device, size=size: create_document_block_mask(
+                      offsets=o, device=device, total_length=size), repeats)
+        ids = _document_ids_on(lengths, device)
+
+        def document_causal(b, h, q_idx, kv_idx, ids=ids):
+            return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
+
+        for name in ("ours", "PyTorch _compile=True", "PyTorch"):
+            needed = PYTORCH_BYTES_PER_PAIR * size * size
+            skip = ""
+            if name == "PyTorch" and needed > PYTORCH_CUDA_LIMIT_BYTES:
+                skip = f"not run: needs ~{needed / 2**30:,.0f} GiB (~10 B per pair)"
+            _cuda_row(table, "document", size, f"{name} create_block_mask",
+                      lambda build=builders[name], size=size: build(document_causal, size),
+                      1 if size == ONE_M else repeats, skip)
+    return table
+
+
+def attention_ratio_rows(smoke: bool) -> list:
+    """Mask construction (causal, S) against the compiled forward it serves, per library."""
+    from torch.nn.attention import flex_attention as torch_flex
+
+    import inductor_flex
+    from inductor_flex.bench import bench_ms, leaf_inputs
+
+    shape = dict(B=1, H=2, S=1024, D=64) if smoke else dict(B=4, H=16, S=8192, D=128)
+    S = shape["S"]
+    (q, k, v), _ = leaf_inputs(shape, "cuda", requires_grad=False)
+    rows = []
+    for name, module in (("ours", inductor_flex), ("PyTorch", torch_flex)):
+        def build(module=module):
+            return module.create_block_mask(_causal, None, None, S, S, device="cuda")
+
+        block_mask = build()
+        forward = torch.compile(module.flex_attention)
+        with torch.no_grad():
+            forward(q, k, v, block_mask=block_mask)
+            forward_ms = bench_ms(lambda: forward(q, k, v, block_mask=block_mask))
+        mask_ms = _cuda_measure(build, 3 if smoke else 20)["ms"]
+        rows.append(dict(library=name, shape="B{B} H{H} S{S} D{D} bf16".format(**shape), mask_ms=mask_ms,
+                         forward_ms=forward_ms, ratio=mask_ms / forward_ms))
+    return rows
+
+
+def print_cuda(table: list, ratios: list) -> None:
+    from inductor_flex.bench import print_markdown
+
+    reference = {r["tokens"]: r.get("ms") for r in table
+                 if r["case"] == "causal" and r["implementation"] == "PyTorch _compile=True"}
+    lines = []
+    for r in table:
+        against = reference.get(r["tokens"]) if r["case"] == "causal" else None
+        ratio = f"{r['ms'] / against:.2f}" if "ms" in r and against else "-"
+        if "ms" in r:
+            lines.append([r["case"], r["tokens"], r["implementation"], f"{r['first_s']:.2f}", f"{r['ms']:.3f}",
+                          f"{r['peak_extra_mb']:.1f}", ratio])
+        else:
+            lines.append([r["case"], r["tokens"], r["implementation"], "-", r.get("note", "-"), "-", "-"])
+    print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}; ratio = ms / PyTorch _compile=True ms")
+    print_markdown(["mask", "tokens", "implementation", "first (s)", "median (ms)", "peak extra (MB)",
+                    "ratio"], lines)
+    print_markdown(["library", "forward (causal, compiled)", "causal mask ms", "forward ms", "mask / forward"],
+                   [[r["library"], r["shape"], f"{r['mask_ms']:.3f}", f"{r['forward_ms']:.3f}", f"{r['ratio']:.3f}"]
+                    for r in ratios])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="skip the 128k causal case")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CUDA: small sizes and few repeats, to check the command runs")
+    parser.add_argument("--json", default=None, help="CUDA: write every row to this file")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the measured calls (default: torch's)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -115,6 +296,16 @@ def main() -> None:
     if args.child:
         name, size, repeats = args.child[0], int(args.child[1]), int(args.child[2])
         print(json.dumps(_run_case(name, size, repeats)))
+        return
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            sys.exit("--device cuda, but torch.cuda.is_available() is False")
+        table = run_cuda(args.smoke, args.quick)
+        ratios = attention_ratio_rows(args.smoke)
+        print_cuda(table, ratios)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(rows=table, attention=ratios), f, indent=1)
         return
 
     cases = [

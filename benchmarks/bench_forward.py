@@ -10,7 +10,8 @@ with ``triton.testing.do_bench`` (median), and adds SDPA where it applies: cuDNN
 FlashAttention-2 for full / causal, the memory-efficient kernel with a dense boolean mask
 for masks that have one. TFLOP/s count only the unmasked work,
 ``4 * B * H * S * S * D * density``. The first-call (compile) time of each compiled
-function is reported too. A compact table is printed last; ``--json`` saves every number.
+function is reported too, each compiled from nothing (Dynamo reset, empty Inductor and
+Triton caches: ``inductor_flex.bench.cold_compile_caches``). A compact table is printed last; ``--json`` saves every number.
 
     python benchmarks/bench_forward.py --shapes big --masks full,causal --modes default
 
@@ -64,7 +65,7 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
                 return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask,
                                 kernel_options=options)
 
-            out, seconds = first_call(call)
+            out, seconds = first_call(call, cold=mode != "eager")
             ms = bench(call)
             row[f"{lib}_{mode}_ms"] = ms
             row[f"{lib}_{mode}_tflops"] = flops / ms / 1e9

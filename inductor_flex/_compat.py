@@ -137,6 +137,42 @@ def current_accelerator():
     return accelerator.current_accelerator()
 
 
+# --- The compiled block-mask builder (inductor_flex/block_mask.py) ------------------------
+
+
+def compiled_calls_run_eagerly() -> bool:
+    """True where a ``torch.compile``d function would silently run as plain Python: Dynamo
+    switched off (``torch._dynamo.config.disable``) or an eager stance
+    (``torch.compiler.set_stance``). Reads private state, hence here; unknown: False."""
+    import torch._dynamo
+
+    if torch._dynamo.config.disable:
+        return True
+    stance = getattr(getattr(torch._dynamo.eval_frame, "_stance", None), "stance", "default")
+    return stance in ("force_eager", "eager_on_recompile")
+
+
+def dynamo_raise_on_recompile_limit():
+    """A context in which a compiled function that reaches Dynamo's recompile limit raises
+    (instead of running its frame eagerly from then on); a no-op context where that
+    cannot be asked for (``suppress_errors`` forbids it)."""
+    import contextlib
+
+    import torch._dynamo
+
+    config = torch._dynamo.config
+    if config.suppress_errors or not hasattr(config, "fail_on_recompile_limit_hit"):
+        return contextlib.nullcontext()
+    return config.patch(fail_on_recompile_limit_hit=True)
+
+
+def is_recompile_limit_error(error: BaseException) -> bool:
+    from torch._dynamo import exc
+
+    limit_error = getattr(exc, "FailOnRecompileLimitHit", None)
+    return limit_error is not None and isinstance(error, limit_error)
+
+
 # --- Block masks made by PyTorch's own create_block_mask (inductor_flex/api.py) ----------
 # flex_attention accepts them by duck typing; their as_tuple() layout is the one thing
 # that differs between versions.

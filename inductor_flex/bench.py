@@ -189,13 +189,44 @@ def bench_ms(fn, warmup=25, rep=100, device="cuda"):
     return measurement.blocked_autorange(min_run_time=rep / 1e3).median * 1e3
 
 
-def first_call(fn, device="cuda"):
-    """(result, seconds) of one call of ``fn``: with torch.compile, the compile time."""
+@contextlib.contextmanager
+def cold_compile_caches():
+    """Compiling as a fresh process with an empty cache would: Dynamo reset, and Inductor
+    (with Triton's kernels under it) reading and writing a new, empty cache directory with
+    its caches switched off, so no earlier compile of either library shortens this one."""
+    import os
+    import tempfile
+
+    import torch._dynamo
+    import torch._inductor.config
+
+    torch._dynamo.reset()
+    saved = {name: os.environ.get(name) for name in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR")}
+    with tempfile.TemporaryDirectory(prefix="inductor_flex_cold_") as directory:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = directory
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(directory, "triton")
+        try:
+            with torch._inductor.config.patch(force_disable_caches=True):
+                yield
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+
+
+def first_call(fn, device="cuda", cold=False):
+    """(result, seconds) of one call of ``fn``: with torch.compile, the compile time;
+    ``cold``: a compile from nothing (``cold_compile_caches``), the first call of a new
+    process, so two libraries' compile times compare fairly."""
     synchronize(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    return out, time.perf_counter() - start
+    with cold_compile_caches() if cold else contextlib.nullcontext():
+        start = time.perf_counter()
+        out = fn()
+        synchronize(device)
+        seconds = time.perf_counter() - start
+    return out, seconds
 
 
 def bench_unless_slow(fn, bench, device="cuda"):
@@ -367,7 +398,7 @@ def run_case(shape_name, shape, mask_name, passes, mode, baselines, bench, dtype
                 run_once = forward if pass_name == "fwd" else (
                     lambda forward=forward: torch.autograd.grad(forward(), inputs, grad_out))
                 with torch.set_grad_enabled(pass_name != "fwd"):
-                    _, row[f"{lib}_compile_s"] = first_call(run_once, device)
+                    _, row[f"{lib}_compile_s"] = first_call(run_once, device, cold=mode != "eager")
                 progress(f"{tag}: timing {lib}")
                 timed[lib] = pass_ms(pass_name, forward, inputs, grad_out, bench, device)
             except Exception as error:  # keep going: the other implementations still count

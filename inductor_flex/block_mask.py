@@ -22,9 +22,12 @@ FlexAttention so that user code can switch imports, but every line is our own.
 """
 from __future__ import annotations
 
+import collections
 import inspect
 import itertools
+import logging
 import math
+import types
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -44,6 +47,8 @@ __all__ = [
     "noop_mask",
     "or_masks",
 ]
+
+log = logging.getLogger("inductor_flex")
 
 _DEFAULT_SPARSE_BLOCK_SIZE = 128
 
@@ -875,12 +880,16 @@ def create_block_mask(
     (positions past Q_LEN / KV_LEN in a ragged last block do not count), partial when some
     are, empty otherwise. ``separate_full_blocks=False`` lists every non-empty block as
     partial (the full_* fields are None), so the kernels evaluate ``mask_mod`` everywhere.
-    ``mask_mod`` is evaluated over a slab of query rows at a time,
-    so memory beyond the result is O(slab rows x KV_LEN), never Q_LEN x KV_LEN. Called
-    inside a compiled function it is traced as whole-grid tensor ops instead, so lengths
-    stay symbolic and Inductor fuses the evaluation into the block reduction.
-    ``_compile`` is accepted for signature compatibility and has no effect: compiling the
-    slab evaluation was measured slower than this eager path on CPU.
+    On CUDA, grids of more than ``_FUSED_MIN_PAIRS`` pairs (any grid with ``_compile=True``)
+    go to a compiled builder: one generated kernel evaluates ``mask_mod`` and reduces it per
+    block without storing the mask, then the lists are ordered, with no host
+    synchronisation; it is compiled once per mask_mod code (a closure over new tensors of
+    the same shapes reuses it). Otherwise, or when compiling fails, ``mask_mod`` is
+    evaluated over a slab of query rows at a time, so memory beyond the result is
+    O(slab rows x KV_LEN), never Q_LEN x KV_LEN. On the CPU ``_compile`` has no effect: the
+    slabs were measured faster there. Called inside a compiled function it is traced as
+    whole-grid tensor ops, so lengths stay symbolic and Inductor fuses the evaluation into
+    the block reduction (no nested compile).
 
     ``compute_dq_write_order=True`` also stores PyTorch's dQ write-order metadata
     (``dq_write_order``, ``dq_write_order_full``, ``dq_kv_order_spt = dq_kv_order``; the
@@ -910,24 +919,27 @@ def create_block_mask(
     KV_LEN = _length(fn, "KV_LEN", KV_LEN)
     q_block, kv_block = _block_size_pair(fn, BLOCK_SIZE)
     device = _usable_device(fn, device)
+    grid = (Q_LEN, KV_LEN, q_block, kv_block)
     if torch.compiler.is_compiling():
         # Traced by Dynamo (create_block_mask inside a compiled function): Python loops
-        # over slabs would be unrolled and pin the lengths, so express the whole grid as
-        # tensor ops with symbolic sizes; Inductor fuses the evaluation into the reduction.
-        any_visible, all_visible = _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
+        # over slabs would be unrolled and pin the lengths, and a nested compile is not
+        # allowed, so trace the whole-grid builder's plain tensor ops with symbolic sizes.
+        lists = _block_lists_of_grid(mask_mod, B, H, *grid, device, separate_full_blocks)
     elif 0 in (B, H, Q_LEN, KV_LEN):
         # Nothing to evaluate: no entries, or no positions on one side.
-        any_visible = torch.zeros(B, H, _cdiv(Q_LEN, q_block), _cdiv(KV_LEN, kv_block), dtype=torch.bool,
-                                  device=device)
-        all_visible = any_visible
+        nothing = torch.zeros(B, H, _cdiv(Q_LEN, q_block), _cdiv(KV_LEN, kv_block), dtype=torch.bool,
+                              device=device)
+        lists = _ordered_block_lists(nothing, nothing if separate_full_blocks else None)
     else:
-        any_visible, all_visible = _classify_in_slabs(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
-
-    if separate_full_blocks:
-        partial, full = any_visible & ~all_visible, all_visible
-    else:
-        partial, full = any_visible, None
-    block_mask = _block_mask_from_dense_blocks(partial, full, (B, H), (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod)
+        by_batch, by_head = _dependent_dims(mask_mod, B, H, device)
+        batches, heads = (B if by_batch else 1), (H if by_head else 1)
+        lists = None
+        if _fused_build_wanted(device, batches * heads * Q_LEN * KV_LEN, _compile):
+            lists = _fused_block_lists(mask_mod, batches, heads, *grid, device, separate_full_blocks)
+        if lists is None:
+            any_visible, all_visible = _classify_in_slabs(mask_mod, batches, heads, *grid, device)
+            lists = _ordered_block_lists(*_partial_and_full(any_visible, all_visible, separate_full_blocks))
+    block_mask = _block_mask_from_lists(lists, (B, H), (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod)
     if compute_dq_write_order:
         block_mask.dq_write_order, block_mask.dq_write_order_full = _dq_write_order(block_mask, dq_kv_order)
         block_mask.dq_kv_order_spt = dq_kv_order
@@ -936,11 +948,10 @@ def create_block_mask(
 
 def _classify_in_slabs(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_block: int, kv_block: int,
                        device: torch.device) -> Tuple[Tensor, Tensor]:
-    """(some visible, all visible) per block ``[b, h, n_q, n_kv]``, evaluating ``mask_mod``
-    one slab of query rows at a time; b / h are 1 where the mask does not vary."""
-    by_batch, by_head = _dependent_dims(mask_mod, B, H, device)
-    batch = torch.arange(B if by_batch else 1, device=device)
-    head = torch.arange(H if by_head else 1, device=device)
+    """(some visible, all visible) per block ``[B, H, n_q, n_kv]``, evaluating ``mask_mod``
+    one slab of query rows at a time (B / H: the batch and head entries to evaluate)."""
+    batch = torch.arange(B, device=device)
+    head = torch.arange(H, device=device)
     n_q, n_kv = _cdiv(Q_LEN, q_block), _cdiv(KV_LEN, kv_block)
     any_visible = torch.empty(len(batch), len(head), n_q, n_kv, dtype=torch.bool, device=device)
     all_visible = torch.empty_like(any_visible)
@@ -978,36 +989,141 @@ def _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block: int, kv_block: 
     q = torch.arange(n_q * q_block, device=device)
     kv = torch.arange(n_kv * kv_block, device=device)
     b, h = torch.arange(B, device=device), torch.arange(H, device=device)
-    mask = mask_mod_grid(mask_mod, b, h, q.clamp(max=Q_LEN - 1), kv.clamp(max=KV_LEN - 1))
-    exists = (q < Q_LEN)[:, None] & (kv < KV_LEN)[None, :]
-    visible = (mask & exists).view(B, H, n_q, q_block, n_kv, kv_block).sum((3, 5), dtype=torch.int64)
+    # Known whole blocks (plain ints, so no guard is added on symbolic lengths) need
+    # neither the clamp nor the existence test: fewer operations per pair.
+    whole_blocks = isinstance(Q_LEN, int) and isinstance(KV_LEN, int) and Q_LEN % q_block == 0 \
+        and KV_LEN % kv_block == 0
+    if whole_blocks:
+        mask = mask_mod_grid(mask_mod, b, h, q, kv)
+    else:
+        mask = mask_mod_grid(mask_mod, b, h, q.clamp(max=Q_LEN - 1), kv.clamp(max=KV_LEN - 1))
+        mask = mask & ((q < Q_LEN)[:, None] & (kv < KV_LEN)[None, :])
+    visible = mask.view(B, H, n_q, q_block, n_kv, kv_block).sum((3, 5), dtype=torch.int32)
     block_rows = (Q_LEN - torch.arange(n_q, device=device) * q_block).clamp(max=q_block)
     block_cols = (KV_LEN - torch.arange(n_kv, device=device) * kv_block).clamp(max=kv_block)
     return visible > 0, visible == block_rows[:, None] * block_cols[None, :]
 
 
-def _block_mask_from_dense_blocks(
-    partial: Tensor,
-    full: Optional[Tensor],
+def _partial_and_full(any_visible: Tensor, all_visible: Tensor,
+                      separate_full: bool) -> Tuple[Tensor, Optional[Tensor]]:
+    """The partial and full block matrices (full None: every visible block listed partial)."""
+    if separate_full:
+        return any_visible & ~all_visible, all_visible
+    return any_visible, None
+
+
+def _ordered_block_lists(partial: Tensor, full: Optional[Tensor]) -> List[Optional[Tensor]]:
+    """The eight block lists, in the operator's order, of bool block matrices
+    ``[b, h, n_q, n_kv]`` (``full`` None: no full blocks, those lists None)."""
+
+    def ordered(dense: Optional[Tensor]) -> List[Optional[Tensor]]:
+        return [None, None] if dense is None else list(dense_to_listed(dense))
+
+    transposed_full = None if full is None else full.transpose(-2, -1)
+    return [*ordered(partial), *ordered(full), *ordered(partial.transpose(-2, -1)), *ordered(transposed_full)]
+
+
+def _block_lists_of_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block: int, kv_block: int, device: torch.device,
+                         separate_full: bool) -> List[Optional[Tensor]]:
+    """The eight block lists of ``mask_mod`` over ``[B, H, Q_LEN, KV_LEN]``, as whole-grid
+    tensor ops: what a compiled function traces, and what the compiled builder compiles."""
+    any_visible, all_visible = _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
+    return _ordered_block_lists(*_partial_and_full(any_visible, all_visible, separate_full))
+
+
+# --------------------------------------------------------------------------------------
+# The compiled builder: one fused evaluation-and-reduction kernel on CUDA
+# --------------------------------------------------------------------------------------
+
+# Grids above this many (b, h, q, kv) pairs are built by the compiled builder on CUDA (or
+# any size with _compile=True); smaller ones take one eager slab, quicker than a compile.
+_FUSED_MIN_PAIRS = _SLAB_ELEMENT_BUDGET
+_FUSED_DEVICE_TYPES = ("cuda",)
+# The torch.compile backend of the builder (tests put a counting or CPU-quick one here).
+_FUSED_BACKEND = "inductor"
+# Compiled builders kept, one per mask_mod code object (least recently used dropped).
+_FUSED_BUILDERS_KEPT = 64
+# mask_mod code object (or type) -> its compiled builder, or None once compiling failed.
+_fused_builders: "collections.OrderedDict[object, Optional[Callable]]" = collections.OrderedDict()
+
+
+def _fused_build_wanted(device: torch.device, pairs: int, compile_requested: bool) -> bool:
+    if device.type not in _FUSED_DEVICE_TYPES:
+        return False
+    return compile_requested or pairs > _FUSED_MIN_PAIRS
+
+
+def _fused_builder_key(mask_mod: Callable):
+    return getattr(mask_mod, "__code__", None) or type(mask_mod)
+
+
+def _new_fused_builder() -> Callable:
+    """``_block_lists_of_grid`` compiled, on a code object of its own: Dynamo keeps its
+    compiled variants per code object, so each mask_mod code gets its own recompile budget
+    (and one mask_mod's variants never evict another's)."""
+    own_code = _block_lists_of_grid.__code__.replace()
+    function = types.FunctionType(own_code, _block_lists_of_grid.__globals__, _block_lists_of_grid.__name__)
+    return torch.compile(function, backend=_FUSED_BACKEND, fullgraph=True)
+
+
+def _fused_block_lists(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_block: int, kv_block: int,
+                       device: torch.device, separate_full: bool) -> Optional[List[Optional[Tensor]]]:
+    """The eight block lists from the compiled builder, or None where it cannot serve (the
+    caller then evaluates in eager slabs): compiling failed for this mask_mod's code now or
+    before, or compiled functions would run eagerly (a whole-grid eager evaluation would
+    hold Q_LEN x KV_LEN booleans).
+
+    The mask_mod is an argument of the compiled function: Dynamo traces it inline, guards
+    on its code, and passes the tensors it captures as graph inputs, so a new closure over
+    new tensors of the same shapes (document ids of the next batch) reuses the compiled
+    kernel. Lengths that change are compiled again once, then stay symbolic (Dynamo's
+    automatic dynamic shapes)."""
+    if _compat.compiled_calls_run_eagerly():
+        return None
+    key = _fused_builder_key(mask_mod)
+    if key in _fused_builders:
+        _fused_builders.move_to_end(key)
+        builder = _fused_builders[key]
+        if builder is None:
+            return None
+    else:
+        builder = _fused_builders[key] = _new_fused_builder()
+        while len(_fused_builders) > _FUSED_BUILDERS_KEPT:
+            _fused_builders.popitem(last=False)
+    arguments = (mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device, separate_full)
+    try:
+        with _compat.dynamo_raise_on_recompile_limit():
+            return builder(*arguments)
+    except Exception as error:  # any failure: the eager slabs serve, and report real errors
+        if _compat.is_recompile_limit_error(error):
+            # Too many variants of this code (lengths, captured constants): start afresh.
+            _fused_builders[key] = _new_fused_builder()
+            log.debug("create_block_mask: compiled builder for %s reached the recompile limit; "
+                      "renewed, eager slabs this time", _mod_name(mask_mod))
+        else:
+            _fused_builders[key] = None
+            log.debug("create_block_mask: compiled builder failed for %s, using eager slabs: %s",
+                      _mod_name(mask_mod), error)
+        return None
+
+
+def _block_mask_from_lists(
+    lists: Sequence[Optional[Tensor]],
     batch_sizes: Tuple[int, int],
     seq_lengths: Tuple[int, int],
     block_size: Tuple[int, int],
     mask_mod: Callable,
 ) -> BlockMask:
-    """A BlockMask from bool block matrices ``[b, h, n_q, n_kv]`` (``full`` None: no full
-    blocks), whose batch / head dims may be 1 where the mask does not vary; those are
-    broadcast to ``batch_sizes`` after the (cheaper) ordering."""
+    """A BlockMask from the eight block lists, whose batch / head dims may be 1 where the
+    mask does not vary; those are broadcast to ``batch_sizes`` here, after the (cheaper)
+    ordering."""
 
-    def ordered(dense: Optional[Tensor]) -> List[Optional[Tensor]]:
-        if dense is None:
-            return [None, None]
-        num_blocks, indices = dense_to_listed(dense)
-        target = batch_sizes + tuple(dense.shape[2:])
-        return [num_blocks.expand(target[:-1]).contiguous(), indices.expand(target).contiguous()]
+    def broadcast(tensor: Optional[Tensor]) -> Optional[Tensor]:
+        if tensor is None:
+            return None
+        return tensor.expand(*batch_sizes, *tensor.shape[2:]).contiguous()
 
-    transposed_full = None if full is None else full.transpose(-2, -1)
-    lists = [*ordered(partial), *ordered(full), *ordered(partial.transpose(-2, -1)), *ordered(transposed_full)]
-    return BlockMask(seq_lengths, *lists, BLOCK_SIZE=block_size, mask_mod=mask_mod)
+    return BlockMask(seq_lengths, *map(broadcast, lists), BLOCK_SIZE=block_size, mask_mod=mask_mod)
 
 
 def _dq_write_order(block_mask: BlockMask, descending: bool) -> Tuple[Tensor, Optional[Tensor]]:

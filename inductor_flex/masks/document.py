@@ -42,25 +42,59 @@ __all__ = ["create_document_block_mask", "document_ids", "generate_document_mask
 
 
 class _DocumentLayout(NamedTuple):
-    offsets: List[Tensor]  # per packing: int64 [n_docs + 1], offsets[0] == 0
+    offsets: List[Tensor]  # per packing: int64 [n_docs + 1] on the device, offsets[0] == 0
     doc_ids: Tensor  # int32 [packings, total]: document of each position
-    starts: Tensor  # int32 [packings, max_docs]: first position of each document
+    token_starts: Tensor  # int32 [packings, total]: first position of each position's document
     total: int  # tokens per packing
     batched: bool  # given as one packing per batch entry (2-D / list of sequences)
 
 
-def _as_int_tensor(function: str, name: str, value) -> Tensor:
-    tensor = value if isinstance(value, Tensor) else torch.as_tensor(value)
-    if tensor.dtype.is_floating_point or tensor.dtype == torch.bool or tensor.is_complex():
-        raise ValueError(f"{function}: {name} must hold integers, got dtype {tensor.dtype}")
-    return tensor.to(torch.int64)
+def _checked_host_values(function: str, where: str, packing) -> Tensor:
+    """A host sequence or CPU tensor of one packing as int64 on the CPU (shape and dtype
+    checked here; values by the caller)."""
+    if isinstance(packing, Tensor):
+        values = packing
+    else:
+        try:
+            values = torch.as_tensor(packing)
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"{function}: {where} must hold integers, got {packing!r}") from None
+    if values.dtype.is_floating_point or values.dtype == torch.bool or values.is_complex():
+        raise ValueError(f"{function}: {where} must hold integers, got dtype {values.dtype}")
+    if values.dim() != 1 or values.numel() == 0:
+        raise ValueError(f"{function}: {where} must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
+    # A copy in fresh (pageable) memory: the non-blocking copy to the device is then staged
+    # before it returns, even where the caller's tensor is pinned and changed right after.
+    return values.to(torch.int64, copy=True)
 
 
-def _document_layout(function: str, lengths, offsets, device: torch.device) -> _DocumentLayout:
+def _check_offsets(function: str, where: str, values: Tensor, from_lengths: bool) -> None:
+    """The value checks (these read the values: on a device tensor, a host sync)."""
+    if from_lengths:
+        if bool((values < 0).any()):
+            raise ValueError(f"{function}: {where} has a negative document length")
+        return
+    if int(values[0]) != 0:
+        raise ValueError(f"{function}: {where} must start at 0, got {int(values[0])}")
+    if values.numel() > 1 and bool((values[1:] < values[:-1]).any()):
+        raise ValueError(f"{function}: {where} must be non-decreasing")
+
+
+def _document_layout(function: str, lengths, offsets, device: torch.device,
+                     total_length: Optional[int] = None) -> _DocumentLayout:
     """Validate document lengths or offsets (one packing, or one per batch entry) and
-    compute the document id of every position."""
+    compute the document id of every position.
+
+    Values given on the host (sequences, CPU tensors) are checked there and copied to
+    ``device`` without waiting. Values in a device tensor are read back (a host sync) to
+    learn the total and check them, unless ``total_length`` is given: then nothing waits
+    for the device, and the values are trusted. Under tracing, tensors are trusted the same
+    way."""
     if (lengths is None) == (offsets is None):
         raise ValueError(f"{function}: give exactly one of lengths= or offsets=")
+    if total_length is not None and (not isinstance(total_length, int) or isinstance(total_length, bool)
+                                     or total_length < 1):
+        raise ValueError(f"{function}: total_length must be a positive int, got {total_length!r}")
     given, name = (lengths, "lengths") if lengths is not None else (offsets, "offsets")
     if not isinstance(given, (Tensor, list, tuple)):
         try:
@@ -76,38 +110,49 @@ def _document_layout(function: str, lengths, offsets, device: torch.device) -> _
     packings = list(given) if batched else [given]
     if not packings:
         raise ValueError(f"{function}: {name} is empty")
-    all_offsets = []
+    tracing = torch.compiler.is_compiling()
+    all_offsets, totals = [], set()
     for position, packing in enumerate(packings):
-        values = _as_int_tensor(function, name, packing).to(device)
         where = f"{name}[{position}]" if len(packings) > 1 else name
-        if values.dim() != 1 or values.numel() == 0:
-            raise ValueError(f"{function}: {where} must be a non-empty 1-D sequence, got shape {tuple(values.shape)}")
-        if lengths is not None:
-            if bool((values < 0).any()):
-                raise ValueError(f"{function}: {where} has a negative document length")
-            values = F.pad(values.cumsum(0), (1, 0))
+        on_host = not tracing and not (isinstance(packing, Tensor) and packing.device.type != "cpu")
+        if on_host:
+            values = _checked_host_values(function, where, packing)
+            _check_offsets(function, where, values, lengths is not None)
         else:
-            if int(values[0]) != 0:
-                raise ValueError(f"{function}: {where} must start at 0, got {int(values[0])}")
-            if values.numel() > 1 and bool((values[1:] < values[:-1]).any()):
-                raise ValueError(f"{function}: {where} must be non-decreasing")
-        all_offsets.append(values)
-    totals = {int(o[-1]) for o in all_offsets}
+            if packing.dtype.is_floating_point or packing.dtype == torch.bool or packing.is_complex():
+                raise ValueError(f"{function}: {where} must hold integers, got dtype {packing.dtype}")
+            if packing.dim() != 1 or packing.numel() == 0:
+                raise ValueError(
+                    f"{function}: {where} must be a non-empty 1-D sequence, got shape {tuple(packing.shape)}")
+            values = packing.to(torch.int64)
+            if total_length is None and not tracing:
+                _check_offsets(function, where, values, lengths is not None)
+        if lengths is not None:
+            values = F.pad(values.cumsum(0), (1, 0))
+        if on_host or total_length is None:
+            totals.add(int(values[-1]))
+        # From pageable host memory a non-blocking copy is staged before the call returns,
+        # so the temporary may go; nothing waits for the device.
+        all_offsets.append(values.to(device, non_blocking=True))
+    if total_length is not None:
+        totals.add(total_length)
     if len(totals) != 1:
-        raise ValueError(f"{function}: every packing must hold the same number of tokens, got {sorted(totals)}")
+        described = "" if total_length is None else f" (total_length={total_length})"
+        raise ValueError(
+            f"{function}: every packing must hold the same number of tokens{described}, got {sorted(totals)}")
     total = totals.pop()
     if total < 1:
         raise ValueError(f"{function}: the documents hold no tokens")
-    max_docs = max(o.numel() - 1 for o in all_offsets)
     doc_ids = torch.empty(len(all_offsets), total, dtype=torch.int32, device=device)
-    starts = torch.full((len(all_offsets), max_docs), total, dtype=torch.int32, device=device)
+    token_starts = torch.empty_like(doc_ids)
     for row, packing_offsets in enumerate(all_offsets):
-        n_docs = packing_offsets.numel() - 1
+        # output_size: the total is known, so the expansion never reads sizes back.
+        sizes = packing_offsets.diff()
         doc_ids[row] = torch.repeat_interleave(
-            torch.arange(n_docs, dtype=torch.int32, device=device), packing_offsets.diff()
-        )
-        starts[row, :n_docs] = packing_offsets[:-1].to(torch.int32)
-    return _DocumentLayout(all_offsets, doc_ids, starts, total, batched)
+            torch.arange(sizes.numel(), dtype=torch.int32, device=device), sizes, output_size=total)
+        token_starts[row] = torch.repeat_interleave(packing_offsets[:-1].to(torch.int32), sizes,
+                                                    output_size=total)
+    return _DocumentLayout(all_offsets, doc_ids, token_starts, total, batched)
 
 
 def _document_device(function: str, lengths, offsets, device) -> torch.device:
@@ -122,31 +167,32 @@ def _document_device(function: str, lengths, offsets, device) -> torch.device:
 def _document_mask_mod(layout: _DocumentLayout, causal: bool, inner: Optional[Callable]) -> Callable:
     """The element mask of packed documents: same document, ``q >= kv`` when causal, and
     ``inner`` evaluated on positions local to the document (0 at its first token)."""
+    # Per-token tables (not per-document ones): their shapes depend on the total length
+    # alone, so a new layout of the same length is the same compiled graph.
     if layout.doc_ids.shape[0] == 1:
         # One packing shared by every batch entry: the batch index is not needed.
-        doc_ids, starts = layout.doc_ids[0], layout.starts[0]
+        doc_ids, token_starts = layout.doc_ids[0], layout.token_starts[0]
 
         def doc_of(b, idx):
             return doc_ids[idx]
 
-        def start_of(b, doc):
-            return starts[doc]
+        def start_of(b, idx):
+            return token_starts[idx]
     else:
-        doc_ids, starts = layout.doc_ids, layout.starts
+        doc_ids, token_starts = layout.doc_ids, layout.token_starts
 
         def doc_of(b, idx):
             return doc_ids[b, idx]
 
-        def start_of(b, doc):
-            return starts[b, doc]
+        def start_of(b, idx):
+            return token_starts[b, idx]
 
     def document_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        q_doc, kv_doc = doc_of(b, q_idx), doc_of(b, kv_idx)
-        keep = q_doc == kv_doc
+        keep = doc_of(b, q_idx) == doc_of(b, kv_idx)
         if causal:
             keep = keep & (q_idx >= kv_idx)
         if inner is not None:
-            keep = keep & inner(b, h, q_idx - start_of(b, q_doc), kv_idx - start_of(b, kv_doc))
+            keep = keep & inner(b, h, q_idx - start_of(b, q_idx), kv_idx - start_of(b, kv_idx))
         return keep
 
     document_mask.__name__ = "causal_document_mask" if causal else "document_mask"
@@ -215,40 +261,58 @@ def _document_block_runs(
 
 
 # A million tokens give [8192, 8192] index lists, 1 GiB for the four of them, of which a
-# packed-document mask uses only a short prefix per row. A fresh anonymous mapping reads
-# as zeros (valid block indices) and costs nothing until a page is written, so on the CPU
-# large lists come from one and only the used prefix is written: page faults on the whole
-# gigabyte would otherwise dominate the construction time.
+# packed-document mask uses only a short prefix per row. On the CPU, a fresh anonymous
+# mapping reads as zeros (valid block indices) and costs nothing until a page is written,
+# so large lists come from one and only the used prefix is written: page faults on the
+# whole gigabyte would otherwise dominate the construction time. On other devices (and
+# under tracing) the width of the used prefix is not read back (that would wait for the
+# device): every slot is written, by one gather per list.
 _LAZY_ZEROS_MIN_BYTES = 16 << 20
 
 
-def _zeros_int32(shape: Tuple[int, ...], device: torch.device) -> Tensor:
+def _writes_whole_rows(device: torch.device) -> bool:
+    return device.type != "cpu" or torch.compiler.is_compiling()
+
+
+def _empty_lists(shape: Tuple[int, ...], device: torch.device) -> Tensor:
+    """int32 storage for block lists: zeros on the CPU (lazily where large), uninitialised
+    where every slot is written anyway."""
+    if _writes_whole_rows(device):
+        return torch.empty(shape, dtype=torch.int32, device=device)
     nbytes = math.prod(shape) * 4
-    if device.type == "cpu" and nbytes >= _LAZY_ZEROS_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
+    if nbytes >= _LAZY_ZEROS_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
         buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         return torch.frombuffer(buffer, dtype=torch.int32).view(shape)
     return torch.zeros(shape, dtype=torch.int32, device=device)
 
 
 def _write_runs(out: Tensor, count: Tensor, base: Tensor, fix_start: Optional[Tensor] = None,
-                fix_count: Optional[Tensor] = None) -> None:
-    """Fill the used prefix of each row of the zeroed ``out [rows, n_cols]``: slot c of row r
-    := ``base[r] + c`` (capped at n_cols - 1), except the first ``fix_count[r]`` slots :=
-    ``fix_start[r] + c``. The prefix is ``max(count)`` wide; later slots stay 0."""
+                fix_count: Optional[Tensor] = None, fix_width: int = 0) -> None:
+    """Fill each row of ``out [rows, n_cols]``: slot c of row r := ``base[r] + c`` (capped at
+    n_cols - 1), except the first ``fix_count[r]`` slots := ``fix_start[r] + c``;
+    ``fix_count`` never exceeds ``fix_width``. On the CPU only the used prefix, ``max(count)``
+    wide, is written (later slots keep their zeros); elsewhere whole rows."""
     if out.shape[0] == 0:
         return
-    width = int(count.max())
+    n_cols = out.shape[1]
+    whole_rows = _writes_whole_rows(out.device)
+    width = n_cols if whole_rows else int(count.max())
     if width == 0:
         return
-    n_cols = out.shape[1]
     ramp = torch.arange(n_cols, dtype=torch.int32, device=out.device)
     capped = torch.cat([ramp, ramp.new_full((width,), n_cols - 1)])
-    # Row s of the unfolded view is capped[s : s + width]; gathering rows is one copy.
-    prefix = torch.index_select(capped.unfold(0, width, 1), 0, base.clamp(0, n_cols))
-    if fix_count is not None:
-        slots = ramp[:width]
-        prefix = torch.where(slots < fix_count[:, None], fix_start[:, None].to(torch.int32) + slots, prefix)
-    out[:, :width] = prefix
+    # Row s of the unfolded view is capped[s : s + width]: gathering rows is one copy.
+    ramps = capped.unfold(0, width, 1)
+    base = base.clamp(0, n_cols)
+    if whole_rows and not torch.compiler.is_compiling():
+        torch.index_select(ramps, 0, base, out=out)
+    else:
+        out[:, :width] = torch.index_select(ramps, 0, base)
+    if fix_count is not None and fix_width > 0:
+        fixed = min(fix_width, width)
+        slots = ramp[:fixed]
+        out[:, :fixed] = torch.where(slots < fix_count[:, None], fix_start[:, None].to(torch.int32) + slots,
+                                     out[:, :fixed])
 
 
 def create_document_block_mask(
@@ -258,6 +322,8 @@ def create_document_block_mask(
     mask_mod: Optional[_mask_mod_signature] = None,
     BLOCK_SIZE: _BlockSize = _DEFAULT_SPARSE_BLOCK_SIZE,
     device: Optional[Union[str, torch.device]] = None,
+    *,
+    total_length: Optional[int] = None,
 ) -> BlockMask:
     """BlockMask of packed documents, built from block arithmetic without evaluating a mod.
 
@@ -273,15 +339,23 @@ def create_document_block_mask(
     ``device`` defaults to the device of the given tensor, else the current accelerator
     (the CPU when there is none).
 
-    The result's ``mask_mod`` is the exact element mask (it closes over the document ids).
-    Work is proportional to the number of blocks.
+    ``total_length`` (tokens per packing) lets lengths / offsets that live on the GPU be
+    used without reading them back: the construction then never waits for the device, and
+    the values are trusted (not checked). Without it such values are read back once, to
+    learn the total and check them. Host values are always checked, on the host.
+
+    The result's ``mask_mod`` is the exact element mask (it closes over per-token document
+    ids), and every tensor's shape depends on the total length alone: a new layout of the
+    same length does not recompile a compiled attention that uses it. Work is proportional
+    to the number of blocks and tokens; on the GPU the index lists (whose shape the block
+    mask fixes) are each written by one gather.
     """
     fn = "create_document_block_mask"
     if mask_mod is not None and not callable(mask_mod):
         raise ValueError(f"{fn}: mask_mod must be a callable (b, h, q_idx, kv_idx), got {type(mask_mod).__name__}")
     q_block, kv_block = _block_size_pair(fn, BLOCK_SIZE)
     device = _document_device(fn, lengths, offsets, device)
-    layout = _document_layout(fn, lengths, offsets, device)
+    layout = _document_layout(fn, lengths, offsets, device, total_length)
     total = layout.total
     n_q, n_kv = _cdiv(total, q_block), _cdiv(total, kv_block)
     packings = len(layout.offsets)
@@ -291,7 +365,7 @@ def create_document_block_mask(
     def lists_for(rows: int, cols: int) -> List[Tensor]:
         # [num_blocks, indices], then their full versions when there are any.
         sizes = [(packings, 1, rows), (packings, 1, rows, cols)] * (2 if has_full else 1)
-        return [_zeros_int32(size, device) for size in sizes]
+        return [_empty_lists(size, device) for size in sizes]
 
     kv_lists, q_lists = lists_for(n_q, n_kv), lists_for(n_kv, n_q)
     for p, packing_offsets in enumerate(layout.offsets):
@@ -301,7 +375,10 @@ def create_document_block_mask(
         ):
             runs = _document_block_runs(packing_offsets, total, rows, cols, low, high, has_full)
             lists[0][p, 0] = runs.n_partial
-            _write_runs(lists[1][p, 0], runs.n_partial, runs.lo + runs.n_full, runs.lo, runs.n_left)
+            # Partial blocks left of a full run: at most the columns one row block spans
+            # plus one, since the full run starts at or before the row block's last position.
+            _write_runs(lists[1][p, 0], runs.n_partial, runs.lo + runs.n_full, runs.lo, runs.n_left,
+                        _cdiv(rows, cols) + 1)
             if has_full:
                 lists[2][p, 0] = runs.n_full
                 _write_runs(lists[3][p, 0], runs.n_full, runs.full_start)
