@@ -18,7 +18,7 @@ from .block_mask import (
     noop_mask,
     or_masks,
 )
-from . import masks
+from . import masks, varlen
 from .masks import create_document_block_mask
 from ._post_import import when_imported
 from .ops import inductor_flex_attention, inductor_flex_attention_backward
@@ -64,4 +64,5 @@ __all__ = [
     "masks",
     "noop_mask",
     "or_masks",
+    "varlen",
 ]

@@ -204,3 +204,14 @@ def redirect_to_checkpoint_modes(hop) -> None:
 
     redirect_to_mode(hop, _CachingTorchDispatchMode)
     redirect_to_mode(hop, _CachedTorchDispatchMode)
+
+
+def register_inductor_decomposition(op, function) -> None:
+    """Add ``op -> function`` to the decompositions Inductor applies while AOTAutograd
+    traces (``select_decomp_table``), including the cached copy it may already have made."""
+    from torch._inductor import decomposition
+
+    decomposition.decompositions[op] = function
+    cached = getattr(decomposition, "fast_random_decomps", None)
+    if cached is not None:
+        cached()[op] = function

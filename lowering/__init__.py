@@ -28,6 +28,11 @@ def register() -> None:
     fake_tensor_updates.install()
     register_lowering(inductor_flex_attention, type_promotion_kind=None)(_lower_forward)
     register_lowering(inductor_flex_attention_backward, type_promotion_kind=None)(_lower_backward)
+    # varlen_attn's custom ops reach Inductor as decompositions into the operators above,
+    # so they lower to the same fused templates (inductor_flex/varlen.py).
+    from inductor_flex import _compat, varlen
+
+    varlen.register_decompositions(_compat.register_inductor_decomposition)
     _registered = True
 
 

@@ -25,15 +25,14 @@ run time each distinct source is compiled once and cached (``mod_from_source``).
 backward also gets the joint graph reduced to the score gradient, so a custom backward
 inside a mod is honoured (``inductor_flex.ops.backward.with_score_gradient``).
 
-Both kernels run as leaf code (``_as_leaf_kernel``): whatever dispatch mode the generated
-program is called under has already seen the custom-op call.
+Both kernels run as leaf code (``ops._shared.as_leaf_kernel``): whatever dispatch mode the
+generated program is called under has already seen the custom-op call.
 
 The ops' fake implementations give exactly the layouts the operators' fake rules give (out
 in the query's memory order, gradients in their inputs' layouts), and the real
 implementations return those layouts too, since Inductor checks the strides of extern
 outputs.
 """
-import contextlib
 import math
 import importlib
 from typing import Callable, Optional, Sequence
@@ -51,7 +50,7 @@ from inductor_flex.ops.backward import (
     score_gradient_graph,
     with_score_gradient,
 )
-from inductor_flex.ops._shared import empty_in_layout_of, joint_graph_buffer_grads
+from inductor_flex.ops._shared import as_leaf_kernel, empty_in_layout_of, joint_graph_buffer_grads
 
 # ---------------------------------------------------------------------------------------
 # Mods as source text
@@ -190,33 +189,6 @@ def _block_mask_tuple(query: Tensor, key: Tensor, kv_num_blocks, kv_indices, ful
         mask_mod=mask_mod))
 
 
-# Keys a Python dispatch-mode handler excludes while it runs its op. Our kernels use
-# vmap / func.vjp, which need the functorch keys, so a leaf kernel re-enables them.
-_KEYS_MODE_HANDLERS_EXCLUDE = [
-    getattr(torch._C.DispatchKey, name) for name in (
-        "FuncTorchDynamicLayerBackMode", "FuncTorchDynamicLayerFrontMode", "FuncTorchBatched",
-        "FuncTorchVmapMode", "BatchedNestedTensor", "Batched", "VmapMode", "FuncTorchGradWrapper",
-        "Functionalize", "PythonTLSSnapshot", "Python", "PreDispatch", "ADInplaceOrView",
-        "Conjugate", "Negative", "ZeroTensor")
-    if hasattr(torch._C.DispatchKey, name)]
-
-
-@contextlib.contextmanager
-def _as_leaf_kernel():
-    """Run the body as plain eager code, whatever dispatch state the call arrived in.
-
-    The generated program may call us under a dispatch mode (AOTAutograd checks custom ops
-    for aliasing on their first run): the mode has already seen this call and must not
-    see our internals, and its handler's excluded keys would disable vmap.
-    """
-    exclude = torch._C._dispatch_tls_local_exclude_set()
-    for key in _KEYS_MODE_HANDLERS_EXCLUDE:
-        exclude = exclude.remove(key)
-    with torch.utils._python_dispatch._disable_current_modes(), \
-            torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
-        yield
-
-
 def bound_mod(source: str, constants: Sequence[Tensor]) -> Callable:
     """The mod compiled from ``source``, with its lifted constants appended to every call."""
     mod = mod_from_source(source)
@@ -264,7 +236,7 @@ def dense_forward(query: Tensor, key: Tensor, value: Tensor, kv_num_blocks: Tens
     score_mod = bound_mod(score_mod_source, score_mod_constants)
     score_mod_buffers = merged_buffers(score_mod_tensors, score_mod_scalars, score_mod_is_tensor)
     mask_mod_buffers = merged_buffers(mask_mod_tensors, mask_mod_scalars, mask_mod_is_tensor)
-    with _as_leaf_kernel():
+    with as_leaf_kernel():
         out, lse, max_scores = dense_attention(query, key, value, score_mod, block_mask, scale,
                                                score_mod_buffers, mask_mod_buffers)
     return match_layout(out, query), lse.contiguous(), max_scores.contiguous()
@@ -316,7 +288,7 @@ def dense_backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, logsu
             score_mod, bound_mod(score_gradient_source, score_gradient_constants))
     score_mod_buffers = merged_buffers(score_mod_tensors, score_mod_scalars, score_mod_is_tensor)
     mask_mod_buffers = merged_buffers(mask_mod_tensors, mask_mod_scalars, mask_mod_is_tensor)
-    with _as_leaf_kernel():
+    with as_leaf_kernel():
         grads = dense_attention_backward(
             query, key, value, out, logsumexp, grad_out, grad_logsumexp, score_mod, block_mask,
             scale, score_mod_buffers, mask_mod_buffers,

@@ -1,6 +1,7 @@
 """What both operators' registrations share (forward.py, backward.py, autograd.py) and
 the dense implementation reuses (dense.py): output layouts, tracing a mod into a make_fx
 session, and the checks and unwrapping of functionalization."""
+import contextlib
 from typing import Any, Callable, Sequence
 
 import torch
@@ -140,3 +141,31 @@ def joint_graph_buffer_grads(graph_module: torch.fx.GraphModule, num_buffers: in
     if not isinstance(returned, (tuple, list)) or len(returned) != 1 + num_buffers:
         return None
     return [r is not None for r in returned[1:]]
+
+
+# Keys a Python dispatch-mode handler excludes while it runs its op. Our kernels use
+# vmap / func.vjp, which need the functorch keys, so a leaf kernel re-enables them.
+_KEYS_MODE_HANDLERS_EXCLUDE = [
+    getattr(torch._C.DispatchKey, name) for name in (
+        "FuncTorchDynamicLayerBackMode", "FuncTorchDynamicLayerFrontMode", "FuncTorchBatched",
+        "FuncTorchVmapMode", "BatchedNestedTensor", "Batched", "VmapMode", "FuncTorchGradWrapper",
+        "Functionalize", "PythonTLSSnapshot", "Python", "PreDispatch", "ADInplaceOrView",
+        "Conjugate", "Negative", "ZeroTensor")
+    if hasattr(torch._C.DispatchKey, name)]
+
+
+@contextlib.contextmanager
+def as_leaf_kernel():
+    """Run the body as plain eager code, whatever dispatch state the call arrived in.
+
+    For the body of a custom op (the extern kernels, varlen_attn): a compiled program may
+    call it under a dispatch mode (AOTAutograd checks custom ops for aliasing on their
+    first run); the mode has already seen this call and must not see our internals, and
+    its handler's excluded keys would disable vmap.
+    """
+    exclude = torch._C._dispatch_tls_local_exclude_set()
+    for key in _KEYS_MODE_HANDLERS_EXCLUDE:
+        exclude = exclude.remove(key)
+    with torch.utils._python_dispatch._disable_current_modes(), \
+            torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), exclude):
+        yield
