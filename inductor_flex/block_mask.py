@@ -880,8 +880,8 @@ def create_block_mask(
     (positions past Q_LEN / KV_LEN in a ragged last block do not count), partial when some
     are, empty otherwise. ``separate_full_blocks=False`` lists every non-empty block as
     partial (the full_* fields are None), so the kernels evaluate ``mask_mod`` everywhere.
-    On CUDA, grids of more than ``_FUSED_MIN_PAIRS`` pairs (any grid with ``_compile=True``)
-    go to a compiled builder: one generated kernel evaluates ``mask_mod`` and reduces it per
+    On CUDA, ``_compile=True`` (and, once ``_FUSED_BY_DEFAULT`` is on, every grid of more
+    than ``_FUSED_MIN_PAIRS`` pairs) goes to a compiled builder: one generated kernel evaluates ``mask_mod`` and reduces it per
     block without storing the mask, then the lists are ordered, with no host
     synchronisation; it is compiled once per mask_mod code (a closure over new tensors of
     the same shapes reuses it). Otherwise, or when compiling fails, ``mask_mod`` is
@@ -1047,10 +1047,16 @@ _FUSED_BUILDERS_KEPT = 64
 _fused_builders: "collections.OrderedDict[object, Optional[Callable]]" = collections.OrderedDict()
 
 
+# Whether large grids take the compiled builder without ``_compile=True``. Off until the
+# builder's output and speed are proven on the GPU (issue #20): only its pieces have run
+# there so far.
+_FUSED_BY_DEFAULT = False
+
+
 def _fused_build_wanted(device: torch.device, pairs: int, compile_requested: bool) -> bool:
     if device.type not in _FUSED_DEVICE_TYPES:
         return False
-    return compile_requested or pairs > _FUSED_MIN_PAIRS
+    return compile_requested or (_FUSED_BY_DEFAULT and pairs > _FUSED_MIN_PAIRS)
 
 
 def _fused_builder_key(mask_mod: Callable):

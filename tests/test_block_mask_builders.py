@@ -34,6 +34,7 @@ def fused_on_cpu(monkeypatch):
     counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
     monkeypatch.setattr(block_mask_module, "_FUSED_DEVICE_TYPES", ("cpu",))
     monkeypatch.setattr(block_mask_module, "_FUSED_MIN_PAIRS", 0)
+    monkeypatch.setattr(block_mask_module, "_FUSED_BY_DEFAULT", True)
     monkeypatch.setattr(block_mask_module, "_FUSED_BACKEND", counter)
     monkeypatch.setattr(block_mask_module, "_fused_builders", type(block_mask_module._fused_builders)())
     torch._dynamo.reset()
@@ -186,6 +187,9 @@ def test_builder_is_used_on_cpu_only_when_told(monkeypatch):
     assert not block_mask_module._fused_builders
     assert not block_mask_module._fused_build_wanted(CPU, 1 << 40, True)
     cuda = torch.device("cuda")
+    # Large CUDA grids compile by default only once the builder is GPU-proven (issue #20).
+    assert block_mask_module._fused_build_wanted(cuda, 1 << 40, False) == block_mask_module._FUSED_BY_DEFAULT
+    monkeypatch.setattr(block_mask_module, "_FUSED_BY_DEFAULT", True)
     assert block_mask_module._fused_build_wanted(cuda, 1 << 40, False)
     assert not block_mask_module._fused_build_wanted(cuda, block_mask_module._FUSED_MIN_PAIRS, False)
     assert block_mask_module._fused_build_wanted(cuda, 1, True)

@@ -77,7 +77,8 @@ def mask_mod_named(name, device, total=None):
 
 
 @pytest.mark.parametrize("name, B, H, q_len, kv_len, block_size", _DEFAULT_PATH_CASES)
-def test_default_path_compiles_and_equals_cpu(device, name, B, H, q_len, kv_len, block_size):
+def test_default_path_compiles_and_equals_cpu(monkeypatch, device, name, B, H, q_len, kv_len, block_size):
+    monkeypatch.setattr(block_mask_module, "_FUSED_BY_DEFAULT", True)  # the path #20 will make default
     mask_mod = mask_mod_named(name, device, q_len)
     got = create_block_mask(mask_mod, B, H, q_len, kv_len, device=device, BLOCK_SIZE=block_size)
     assert block_mask_module._fused_builders.get(mask_mod.__code__) is not None, "eager slabs served"
