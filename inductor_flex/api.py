@@ -262,10 +262,13 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
     (O(blocks^2) int32, as any block mask of that size). Dynamo reads a traced length as a
     plain int, so whether we compile is the test.
 
-    CUDA keeps the stride-0 layout (one recompile at 128, issue #16 section 4 open): with
-    spare rows the fused CUDA forward under dynamic=True gave wrong outputs and then an
-    illegal address (H200, 2026-12-03, twice with two variants of the spare layout), while
-    static shapes were right; the cause is not found yet.
+    CUDA keeps the stride-0 layout for now (one recompile at 128; issue #16 section 4):
+    with spare rows the fused CUDA forward under dynamic=True gave wrong outputs and an
+    illegal address on the H200. The cause, found in Triton's interpreter: a symbolic
+    stride that is a sum (``1 + ceil(S / 128)``) was pasted unparenthesised after ``*`` in
+    the templates, now rendered as one operand (``lowering/template_kernel.py``); the spare
+    layout then runs right there, forward and backward. CUDA switches once that is
+    confirmed on the GPU.
     """
     block = _DEFAULT_SPARSE_BLOCK_SIZE
     q_blocks = -(-q_len // block)

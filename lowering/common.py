@@ -397,7 +397,8 @@ _templates: dict = {}
 
 def cached_template(name: str, grid, main_file: str, kernel_type=None):
     """The TritonTemplate ``name`` (created once: Inductor registers templates by name),
-    rendered by ``kernel_type`` when given (a TritonTemplateKernel subclass)."""
+    rendered by ``kernel_type`` (a ``template_kernel.FlexTemplateKernel`` subclass; that
+    class itself by default)."""
     if name not in _templates:
         from torch._inductor.select_algorithm import SymbolicGridFn
 
@@ -405,8 +406,9 @@ def cached_template(name: str, grid, main_file: str, kernel_type=None):
 
         template = _compat.make_triton_template(
             name=name, grid=SymbolicGridFn(grid), source=template_source(main_file))
-        if kernel_type is not None:
-            template.kernel_type = kernel_type
+        from .template_kernel import FlexTemplateKernel
+
+        template.kernel_type = kernel_type or FlexTemplateKernel
         _templates[name] = template
     return _templates[name]
 

@@ -31,8 +31,9 @@ from typing import Sequence
 import torch
 from torch._inductor import ir
 from torch._inductor.codegen.common import KernelArgs, TensorArg, TMADescriptorArg
-from torch._inductor.select_algorithm import TritonTemplateKernel
 from torch._inductor.virtualized import V
+
+from .template_kernel import FlexTemplateKernel
 
 
 class HeadTileDescriptor(ir.TMADescriptorStable):
@@ -76,7 +77,7 @@ class _DescriptorArgs(KernelArgs):
         return arg_defs, call_args, signature, arg_types
 
 
-class DescriptorTemplateKernel(TritonTemplateKernel):
+class DescriptorTemplateKernel(FlexTemplateKernel):
     """A template kernel whose ``HeadTileDescriptor`` inputs are host descriptors."""
 
     def __init__(self, *args, **kwargs):
