@@ -7,10 +7,10 @@ given none) carries a *pattern* when its meaning is proven at construction:
 - ``CAUSAL``: top-left aligned causal, ``q_idx >= kv_idx``, with ``Q_LEN == KV_LEN`` (so
   top-left and bottom-right alignment coincide, and every row keeps at least one score).
 
-Proof for causal: the mask_mod is ``masks.causal_mask`` itself, or, called on symbolic
-stand-in indices, it returns exactly one comparison ``q_idx >= kv_idx`` (or
-``kv_idx <= q_idx``) and does nothing else with them (``traces_to_causal``). Block counts are
-never consulted.
+Proof for causal: the mask_mod is ``masks.causal_mask`` itself, or a plain function whose
+bytecode is exactly ``return q_idx >= kv_idx`` (or ``return kv_idx <= q_idx``) on its third
+and fourth parameters (``traces_to_causal``; the mod is never called, so side effects run
+as often as without the tag). Block counts are never consulted.
 
 ``flex_attention`` hands the pattern to the operator in ``kernel_options[PATTERN_KEY]``; the
 lowering reads that key directly (not through the ``FWD_``/``BWD_`` prefixed reader), and
@@ -24,57 +24,49 @@ FULL = "full"
 CAUSAL = "causal"
 PATTERN_KEY = "MASK_PATTERN"
 
-class _NotProven(Exception):
-    pass
-
-
-class _Comparison:
-    """The result of comparing two symbolic indices; any further use is not proven."""
-
-    def __init__(self, op: str, left, right):
-        self.op, self.left, self.right = op, left, right
-
-    def __bool__(self):  # a Python branch on the comparison
-        raise _NotProven
-
-
-class _SymbolicIndex:
-    """A stand-in for one mod argument: comparing two of them records the comparison; every
-    other use (arithmetic, attributes, torch functions, branching) fails to trace."""
-
-    __slots__ = ()
-
-    def __ge__(self, other):
-        return _Comparison(">=", self, other)
-
-    def __le__(self, other):
-        return _Comparison("<=", self, other)
-
-    def __bool__(self):
-        raise _NotProven
+# Instructions that do nothing (3.11+ frame setup, padding).
+_NO_OPS = frozenset({"RESUME", "NOP", "CACHE", "EXTENDED_ARG"})
 
 
 def traces_to_causal(mask_mod: Callable) -> bool:
-    """Whether ``mask_mod(b, h, q_idx, kv_idx)`` is exactly ``q_idx >= kv_idx``: called once on
-    symbolic stand-ins that only record a comparison, so it costs microseconds (a make_fx
-    trace costs ~20 ms per mod, seconds for the first, and masks are often built per batch).
-    A mod doing anything else (arithmetic, torch functions, branching on the indices) raises
-    inside and is not tagged."""
-    b, h, q_idx, kv_idx = (_SymbolicIndex() for _ in range(4))
-    try:
-        result = mask_mod(b, h, q_idx, kv_idx)
-    except Exception:  # any use the stand-ins do not model: not proven
+    """Whether ``mask_mod(b, h, q_idx, kv_idx)`` is a plain function whose whole body is
+    ``return q_idx >= kv_idx`` (or ``return kv_idx <= q_idx``), read from its bytecode. The mod
+    is never called (a side-effecting mod runs exactly as often as without the tag), and
+    anything else, even an equivalent spelling, is simply not proven."""
+    import dis
+    import inspect
+
+    if not inspect.isfunction(mask_mod):
         return False
-    if not isinstance(result, _Comparison):
+    code = mask_mod.__code__
+    if code.co_argcount != 4 or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return False
-    return ((result.op == ">=" and result.left is q_idx and result.right is kv_idx)
-            or (result.op == "<=" and result.left is kv_idx and result.right is q_idx))
+    q_name, kv_name = code.co_varnames[2], code.co_varnames[3]
+    loads, compare, returned = [], None, False
+    for instruction in dis.get_instructions(code):
+        name = instruction.opname
+        if name in _NO_OPS:
+            continue
+        if returned or compare is not None and name != "RETURN_VALUE":
+            return False
+        if name == "LOAD_FAST":
+            loads.append(instruction.argval)
+        elif name == "LOAD_FAST_LOAD_FAST":  # 3.13: two loads in one instruction
+            loads.extend(instruction.argval)
+        elif name == "COMPARE_OP":
+            compare = instruction.argrepr.replace("bool(", "").rstrip(")")
+        elif name == "RETURN_VALUE" and compare is not None:
+            returned = True
+        else:
+            return False
+    return returned and ((compare == ">=" and loads == [q_name, kv_name])
+                         or (compare == "<=" and loads == [kv_name, q_name]))
 
 
 def recognise(mask_mod: Callable, q_len: int, kv_len: int) -> Optional[str]:
     """The pattern ``create_block_mask(mask_mod, ..., Q_LEN=q_len, KV_LEN=kv_len)`` proves,
     or None. Inside a compiled function only the function objects are recognised (Dynamo
-    would trace the stand-ins too)."""
+    cannot trace bytecode inspection)."""
     from .block_mask import noop_mask
     from .masks.causal import causal_mask
 

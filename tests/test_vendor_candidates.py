@@ -52,14 +52,27 @@ def test_pattern_survives_batch_head_dims_and_unseparated_full_blocks():
     assert _mask(causal_mask, separate_full_blocks=False)._proven_pattern() == CAUSAL
 
 
-def test_tracing_never_branches_on_an_index():
+def test_only_the_exact_body_is_proven_and_the_mod_is_never_called():
+    calls = []
+
+    def counted(b, h, q_idx, kv_idx):
+        calls.append(1)
+        return q_idx >= kv_idx
+
     def branchy(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx if q_idx else q_idx >= kv_idx
 
     def torch_function(b, h, q_idx, kv_idx):
         return torch.ge(q_idx, kv_idx)
 
-    assert not traces_to_causal(branchy) and not traces_to_causal(torch_function)
+    def renamed(batch, head, row, col):
+        return row >= col
+
+    def swapped_names(b, h, kv_idx, q_idx):  # the third parameter is the query index
+        return q_idx >= kv_idx
+
+    assert not any(traces_to_causal(m) for m in (counted, branchy, torch_function, swapped_names))
+    assert traces_to_causal(renamed) and not calls
 
 
 @pytest.mark.parametrize("change", ["getitem", "getitem-batch", "adjust", "from_kv_blocks",
