@@ -274,9 +274,9 @@ class BlockMask:
 
     # The proven pattern (_mask_patterns.FULL / CAUSAL) or None, and the version counters of
     # the block lists when it was proven (None: proven inside a compiled function, where
-    # version counters cannot be read).
-    _pattern: Optional[str] = None
-    _pattern_versions: Optional[Tuple[int, ...]] = None
+    # version counters cannot be read). Not annotated: the annotations are torch's fields.
+    _pattern = None
+    _pattern_versions = None
 
     def __init__(
         self,
