@@ -50,7 +50,7 @@ from inductor_flex.bench import (
     BACKWARD_WORK, DENSE_MASK_MAX_ELEMENTS, FORWARD_BACKWARD_WORK, MASKS, MODES, SHAPES,
     allow_retained_backward, backward_ms, bench_ms, causal, cell, compile_flex, first_call,
     forward_backward_ms, forward_flops, free_device_memory, leaf_inputs, log, make_case,
-    one_line, print_markdown, sdpa_forwards)
+    one_line, print_markdown, ratio_to_best_sdpa, sdpa_forwards, triton_only)
 
 MEMORY_SHAPE = dict(B=1, H=16, S=32768, D=128)
 GRAD_NAMES = ("out", "dq", "dk", "dv")
@@ -93,7 +93,7 @@ def compare(ours, reference):
 
 
 def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_options=None,
-             device="cuda"):
+             device="cuda", triton_column=False):
     """Every measurement of one shape and mask, as a dict of numbers (and error strings)."""
     import inductor_flex
     from torch.nn.attention import flex_attention as torch_flex
@@ -108,6 +108,8 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
     tag = f"{shape_name} {mask_name}"
 
     libraries = [("ours", inductor_flex, ours_options)]
+    if triton_column:
+        libraries.append(("ours_triton", inductor_flex, triton_only(ours_options)))
     if "pt" in baselines:
         libraries.append(("pt", torch_flex, None))
     block_masks = {}
@@ -117,11 +119,11 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
         for lib, module, options in libraries:
             key = f"{lib}_{mode}"
             try:
-                if lib not in block_masks:
-                    block_masks[lib] = None if mask_mod is None else module.create_block_mask(
+                if module not in block_masks:
+                    block_masks[module] = None if mask_mod is None else module.create_block_mask(
                         mask_mod, None, None, S, S, device=device)
                 compile_s, bwd_ms, fwd_bwd_ms, first = measure_library(
-                    module.flex_attention, block_masks[lib], options, score_mod, inputs, grad_out,
+                    module.flex_attention, block_masks[module], options, score_mod, inputs, grad_out,
                     mode, bench, keep_results=check)
             except Exception as error:  # keep going: the other library's numbers still count
                 row[f"{key}_error"] = one_line(error)
@@ -164,6 +166,10 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
             row[f"sdpa_{name}_bwd_ms"] = ms
             row[f"sdpa_{name}_bwd_tflops"] = BACKWARD_WORK * flops / ms / 1e9
             log(f"{tag} sdpa {name}: bwd {ms:.3f} ms {row[f'sdpa_{name}_bwd_tflops']:.0f} TF")
+    for mode in modes:
+        ratio = ratio_to_best_sdpa(row, f"ours_{mode}_bwd_tflops", "sdpa_{}_bwd_tflops")
+        if ratio is not None:
+            row[f"ours_{mode}_vs_best_sdpa"] = ratio
     return row
 
 
@@ -232,11 +238,13 @@ def run_memory(impls, mode, device="cuda"):
 # Tables
 # ---------------------------------------------------------------------------------------
 
-def print_case_table(results, modes):
+def print_case_table(results, modes, triton_column=False):
     headers = ["shape", "mask"]
     for mode in modes:
         tag = "" if mode == "default" else "MA "
-        headers += [f"{tag}ours bwd TF", f"{tag}pt bwd TF", f"{tag}ratio",
+        headers += [f"{tag}ours (auto) bwd TF"]
+        headers += [f"{tag}ours (Triton only) bwd TF"] if triton_column else []
+        headers += [f"{tag}auto / best SDPA bwd", f"{tag}pt bwd TF", f"{tag}ratio",
                     f"{tag}ours fwd+bwd TF", f"{tag}pt fwd+bwd TF", f"{tag}ratio",
                     f"{tag}compile s ours/pt", f"{tag}grad diff"]
     headers += ["cuDNN bwd TF", "flash bwd TF", "dense bwd TF"]
@@ -245,8 +253,12 @@ def print_case_table(results, modes):
         line = [r["shape"], r["mask"]]
         for mode in modes:
             ours, pt = (f"ours_{mode}_error",), (f"pt_{mode}_error",)
+            line += [cell(r, f"ours_{mode}_bwd_tflops", error_keys=ours)]
+            if triton_column:
+                line += [cell(r, f"ours_triton_{mode}_bwd_tflops",
+                              error_keys=(f"ours_triton_{mode}_error",))]
             line += [
-                cell(r, f"ours_{mode}_bwd_tflops", error_keys=ours),
+                cell(r, f"ours_{mode}_vs_best_sdpa", ".2f", ours),
                 cell(r, f"pt_{mode}_bwd_tflops", error_keys=pt),
                 cell(r, f"ratio_{mode}_bwd", ".2f", ours + pt),
                 cell(r, f"ours_{mode}_fwdbwd_tflops", error_keys=ours),
@@ -300,6 +312,9 @@ def parse_args(argv=None):
                         help="skip comparing ours' out/dq/dk/dv with pt's")
     parser.add_argument("--ours-options", default=None,
                         help='kernel_options for inductor_flex only, as JSON ({"USE_TMA": true})')
+    parser.add_argument("--triton-column", action="store_true",
+                        help='also time ours with BACKEND="TRITON" (never the vendor SDPA kernels) '
+                             'next to ours (auto)')
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warmup, ms")
     parser.add_argument("--rep", type=float, default=100, help="do_bench repetition time, ms")
     args = parser.parse_args(argv)
@@ -346,7 +361,8 @@ def main(argv=None):
         for mask in args.masks:
             try:
                 row = run_case(shape, mask, args.modes, args.baselines, bench,
-                               check=not args.no_check, ours_options=args.ours_options)
+                               check=not args.no_check, ours_options=args.ours_options,
+                               triton_column=args.triton_column)
             except Exception as error:  # keep going: one failure should not lose the table
                 log(f"{shape} {mask} failed: {one_line(error)}")
                 row = dict(shape=shape, mask=mask, error=one_line(error))
@@ -362,7 +378,7 @@ def main(argv=None):
         save()
 
     if report["cases"]:
-        print_case_table(report["cases"], args.modes)
+        print_case_table(report["cases"], args.modes, args.triton_column)
     if report["memory"]:
         print_memory_table(report["memory"])
     log("done")

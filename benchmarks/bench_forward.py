@@ -26,14 +26,15 @@ import torch
 
 from inductor_flex.bench import (
     MASKS, MODES, SHAPES, bench_ms, compile_flex, first_call, forward_flops, leaf_inputs, make_case,
-    print_markdown, sdpa_forwards)
+    print_markdown, ratio_to_best_sdpa, sdpa_forwards, triton_only)
 
 
 def bench(fn):
     return bench_ms(fn, warmup=50, rep=200)
 
 
-def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_options=None):
+def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_options=None,
+             triton_column=False):
     import inductor_flex
     from torch.nn.attention import flex_attention as torch_flex
 
@@ -53,13 +54,14 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
     reference = None
     for mode in modes:
         torch._dynamo.reset()
-        for lib, flex, block_mask in (("ours", inductor_flex.flex_attention, ours_mask),
-                                      ("pt", torch_flex.flex_attention, torch_mask)):
-            if lib == "pt" and "pt" not in baselines:
-                continue
+        libraries = [("ours", inductor_flex.flex_attention, ours_mask, ours_options)]
+        if triton_column:
+            libraries.append(("ours_triton", inductor_flex.flex_attention, ours_mask,
+                              triton_only(ours_options)))
+        if "pt" in baselines:
+            libraries.append(("pt", torch_flex.flex_attention, torch_mask, None))
+        for lib, flex, block_mask, options in libraries:
             compiled = compile_flex(flex, mode)
-
-            options = ours_options if lib == "ours" else None
 
             def call(compiled=compiled, block_mask=block_mask, options=options):
                 return compiled(q, k, v, score_mod=score_mod, block_mask=block_mask,
@@ -86,6 +88,8 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
                 row[f"sdpa_{name}_tflops"] = flops / bench(call) / 1e9
             except RuntimeError as error:
                 row[f"sdpa_{name}_error"] = str(error).splitlines()[0]
+    for mode in modes:
+        row[f"ours_{mode}_vs_best_sdpa"] = ratio_to_best_sdpa(row, f"ours_{mode}_tflops", "sdpa_{}_tflops")
     results.append(row)
     print(json.dumps(row), flush=True)
     del q, k, v, dense
@@ -102,21 +106,25 @@ def _fmt(value, digits=0):
     return f"{value:.{digits}f}"
 
 
-def print_table(results, modes):
+def print_table(results, modes, triton_column=False):
     headers = ["shape", "mask"]
     for mode in modes:
         tag = "" if mode == "default" else "MA "
-        headers += [f"{tag}ours TF", f"{tag}pt TF", f"{tag}ratio", f"{tag}compile s ours/pt"]
+        headers += [f"{tag}ours (auto) TF"] + ([f"{tag}ours (Triton only) TF"] if triton_column else [])
+        headers += [f"{tag}pt TF", f"{tag}ratio", f"{tag}compile s ours/pt", f"{tag}auto / best SDPA"]
     headers += ["cuDNN TF", "flash TF", "dense TF"]
     rows = []
     for r in results:
         line = [r["shape"], r["mask"]]
         for mode in modes:
+            line += [_fmt(r.get(f"ours_{mode}_tflops"))]
+            if triton_column:
+                line += [_fmt(r.get(f"ours_triton_{mode}_tflops"))]
             line += [
-                _fmt(r.get(f"ours_{mode}_tflops")),
                 _fmt(r.get(f"pt_{mode}_tflops")),
                 _fmt(r.get(f"ratio_{mode}"), 2),
                 f"{_fmt(r.get(f'ours_{mode}_compile_s'), 1)}/{_fmt(r.get(f'pt_{mode}_compile_s'), 1)}",
+                _fmt(r.get(f"ours_{mode}_vs_best_sdpa"), 2),
             ]
         line += [_fmt(r.get("sdpa_cudnn_tflops")), _fmt(r.get("sdpa_flash_tflops")),
                  _fmt(r.get("sdpa_dense_tflops"))]
@@ -172,6 +180,9 @@ def main(argv=None):
                              "with each, instead of the comparison")
     parser.add_argument("--ours-options", default=None,
                         help='kernel_options for inductor_flex only, as JSON ({"USE_TMA": true})')
+    parser.add_argument("--triton-column", action="store_true",
+                        help='also time ours with BACKEND="TRITON" (never the vendor SDPA kernels) '
+                             'next to ours (auto)')
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_forward.py needs a CUDA GPU")
@@ -185,14 +196,15 @@ def main(argv=None):
         for mask in args.masks.split(","):
             try:
                 run_case(shape, mask, modes, baselines, results, check=not args.no_check,
-                         ours_options=json.loads(args.ours_options) if args.ours_options else None)
+                         ours_options=json.loads(args.ours_options) if args.ours_options else None,
+                         triton_column=args.triton_column)
             except Exception as error:  # keep going: one failure should not lose the table
                 print(f"# {shape} {mask} failed: {type(error).__name__}: {error}", flush=True)
                 results.append(dict(shape=shape, mask=mask, error=str(error)[:200]))
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump(results, f, indent=1)
-    print_table(results, modes)
+    print_table(results, modes, args.triton_column)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Optional, Tuple, TypedDict, Union
 import torch
 from torch import Tensor
 
-from . import _compat
+from . import _compat, _mask_patterns
 from ._block_lists import OperatorBlockMask
 from ._mods import identity_score_mod
 from .block_mask import BlockMask, _DEFAULT_SPARSE_BLOCK_SIZE, noop_mask
@@ -114,7 +114,7 @@ class AuxOutput(NamedTuple):
 
 
 # Options the operator's contract reserves for flex_attention itself.
-_INTERNAL_OPTIONS = ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX")
+_INTERNAL_OPTIONS = ("OUTPUT_LOGSUMEXP", "OUTPUT_MAX", _mask_patterns.PATTERN_KEY)
 # Every key FlexKernelOptions declares, upper-cased, each also with a pass prefix.
 _KNOWN_OPTIONS = frozenset(
     prefix + key.upper()
@@ -291,15 +291,17 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
                      full_q_num, full_q_idx, BLOCK_SIZE=(block, block), mask_mod=noop_mask)
 
 
-def _kernel_options(kernel_options, need_lse: bool, need_max: bool) -> dict:
-    """A fresh dict: the caller's options with upper-cased keys, plus the output flags."""
+def _kernel_options(kernel_options, need_lse: bool, need_max: bool,
+                    mask_pattern: Optional[str] = None) -> dict:
+    """A fresh dict: the caller's options with upper-cased keys, plus the output flags and
+    the block mask's proven pattern (only when there is one)."""
     options = {}
     for name, setting in (kernel_options or {}).items():
         upper = str(name).upper()
         if upper in _INTERNAL_OPTIONS:
             raise ValueError(
-                f"flex_attention: kernel_options must not set {name}; it follows from return_aux "
-                f"and whether gradients are needed")
+                f"flex_attention: kernel_options must not set {name}; flex_attention sets it (from "
+                f"return_aux, whether gradients are needed, and the block mask)")
         if upper in options:
             raise ValueError(f"flex_attention: kernel_options sets {upper} twice (keys are case-insensitive)")
         if upper not in _KNOWN_OPTIONS and not torch.compiler.is_compiling():
@@ -309,6 +311,8 @@ def _kernel_options(kernel_options, need_lse: bool, need_max: bool) -> dict:
     check_backend(options)
     options["OUTPUT_LOGSUMEXP"] = need_lse
     options["OUTPUT_MAX"] = need_max
+    if mask_pattern is not None:
+        options[_mask_patterns.PATTERN_KEY] = mask_pattern
     return options
 
 
@@ -412,7 +416,8 @@ def flex_attention(
     _validate_tensors(query, key, value, enable_gqa)
     _validate_arguments(score_mod, scale, kernel_options, return_lse, return_aux)
     if block_mask is None:
-        block_mask = _full_block_mask(query.shape[2], key.shape[2], query.device)
+        block_mask = _full_block_mask(query.shape[2], key.shape[2], query.device)._tag_pattern(
+            _mask_patterns.FULL)
     else:
         block_mask = _as_our_block_mask(block_mask)
         _validate_block_mask(block_mask, query, key)
@@ -427,7 +432,8 @@ def flex_attention(
     want_max = return_aux is not None and return_aux.max_scores
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad
                                               or value.requires_grad)
-    options = _kernel_options(kernel_options, want_lse or needs_grad, want_max)
+    options = _kernel_options(kernel_options, want_lse or needs_grad, want_max,
+                              block_mask._proven_pattern())
 
     block_mask_tuple = block_mask.operator_tuple()
     if DEBUG_MODS and not torch.compiler.is_compiling():

@@ -261,6 +261,20 @@ def pass_ms(pass_name, forward, inputs, grad_out, bench, device="cuda"):
     return forward_backward_ms(forward, inputs, grad_out, bench, device)
 
 
+def triton_only(options):
+    """``options`` with BACKEND="TRITON": our fused kernels only, never the vendor SDPA
+    kernels that "AUTO" may pick for full / causal calls (the "ours (Triton only)" column)."""
+    return {**(options or {}), "BACKEND": "TRITON"}
+
+
+def ratio_to_best_sdpa(row, ours_key, sdpa_key_format):
+    """``row[ours_key]`` (TFLOP/s) over the best of SDPA cuDNN / flash in the same row
+    (``sdpa_key_format.format(name)``), or None where either is missing."""
+    best = max((row.get(sdpa_key_format.format(name)) or 0.0) for name in ("cudnn", "flash"))
+    ours = row.get(ours_key)
+    return ours / best if ours and best else None
+
+
 def compile_flex(flex, mode):
     """``flex`` under ``torch.compile`` in compile mode ``mode`` (a MODES name), or as is for eager."""
     return flex if MODES[mode] is None else torch.compile(flex, mode=MODES[mode])

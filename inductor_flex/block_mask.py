@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from . import _compat
+from . import _compat, _mask_patterns
 from ._block_lists import dense_to_listed, listed_to_dense, transpose_listed
 from ._mods import mask_mod_grid, score_mod_grid
 
@@ -274,6 +274,14 @@ class BlockMask:
     )
     _DQ_METADATA_TENSOR_FIELDS = ("dq_write_order", "dq_write_order_full", "dq_kv_order")
     _TENSOR_FIELDS = _BLOCK_LIST_FIELDS + _DQ_METADATA_TENSOR_FIELDS
+    # Assigning any of these drops the pattern tag (_mask_patterns.py).
+    _MEANING_FIELDS = _BLOCK_LIST_FIELDS + ("seq_lengths", "BLOCK_SIZE", "mask_mod")
+
+    # The proven pattern (_mask_patterns.FULL / CAUSAL) or None, and the version counters of
+    # the block lists when it was proven (None: proven inside a compiled function, where
+    # version counters cannot be read). Not annotated: the annotations are torch's fields.
+    _pattern = None
+    _pattern_versions = None
 
     def __init__(
         self,
@@ -324,6 +332,30 @@ class BlockMask:
         self.dq_kv_order_spt = dq_kv_order_spt
         self.BLOCK_SIZE = (BLOCK_SIZE, BLOCK_SIZE) if _is_int(BLOCK_SIZE) else tuple(BLOCK_SIZE)
         self.mask_mod = mask_mod if mask_mod is not None else noop_mask
+
+    def __setattr__(self, name, value) -> None:
+        if name in BlockMask._MEANING_FIELDS and self._pattern is not None:
+            object.__setattr__(self, "_pattern", None)
+        object.__setattr__(self, name, value)
+
+    def _tag_pattern(self, pattern: Optional[str]) -> "BlockMask":
+        """Record the pattern its constructor proved (see ``_mask_patterns``)."""
+        versions = None
+        if pattern is not None and not torch.compiler.is_compiling():
+            versions = tuple(t._version for t in self._block_lists() if t is not None)
+        object.__setattr__(self, "_pattern", pattern)
+        object.__setattr__(self, "_pattern_versions", versions)
+        return self
+
+    def _proven_pattern(self) -> Optional[str]:
+        """The pattern tag, unless a field was reassigned since (``__setattr__`` drops it)
+        or, in eager code, a block list was edited in place (its version counter moved).
+        Compiled code cannot read version counters: an in-place edit there goes unseen, so
+        edit a copy and assign it."""
+        if self._pattern is None or self._pattern_versions is None or torch.compiler.is_compiling():
+            return self._pattern
+        versions = tuple(t._version for t in self._block_lists() if t is not None)
+        return self._pattern if versions == self._pattern_versions else None
 
     @classmethod
     def from_kv_blocks(
@@ -652,8 +684,10 @@ class BlockMask:
         """A BlockMask whose tensors live on ``device`` (this one is left unchanged)."""
         moved = {field: None if getattr(self, field) is None else getattr(self, field).to(device)
                  for field in self._TENSOR_FIELDS}
-        return BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE, mask_mod=self.mask_mod,
-                         dq_kv_order_spt=self.dq_kv_order_spt)
+        moved_mask = BlockMask(self.seq_lengths, **moved, BLOCK_SIZE=self.BLOCK_SIZE,
+                               mask_mod=self.mask_mod, dq_kv_order_spt=self.dq_kv_order_spt)
+        # Same tensors' values on another device: the same meaning.
+        return moved_mask._tag_pattern(self._proven_pattern())
 
 
 def _selects_all(index) -> bool:
@@ -940,6 +974,7 @@ def create_block_mask(
             any_visible, all_visible = _classify_in_slabs(mask_mod, batches, heads, *grid, device)
             lists = _ordered_block_lists(*_partial_and_full(any_visible, all_visible, separate_full_blocks))
     block_mask = _block_mask_from_lists(lists, (B, H), (Q_LEN, KV_LEN), (q_block, kv_block), mask_mod)
+    block_mask._tag_pattern(_mask_patterns.recognise(mask_mod, Q_LEN, KV_LEN))
     if compute_dq_write_order:
         block_mask.dq_write_order, block_mask.dq_write_order_full = _dq_write_order(block_mask, dq_kv_order)
         block_mask.dq_kv_order_spt = dq_kv_order

@@ -10,7 +10,7 @@ keyword-only: ``score_mod`` and ``mask_mod``, called with document-local ``q_idx
 
 How it runs (docs/guide.md, "Packed sequences"): the packed tensors are viewed as
 ``[1, H, T, D]`` and attended with our flex operator under a document block mask built
-from the offsets on the device (``masks/cu_seq_blocks.py``, no host sync). Without mods
+from the offsets on the device (``masks/_cu_seq_blocks.py``, no host sync). Without mods
 the call is the custom op ``torch.ops.inductor_flex.varlen_attn`` (backward:
 ``varlen_attn_backward``), so Dynamo, AOTAutograd and ``opcheck`` see exactly those
 two; Inductor decomposes each into our flex operator (``register_decompositions``) and
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ._mods import identity_score_mod
 from .block_mask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
-from .masks.cu_seq_blocks import cu_seq_block_lists, cu_seq_layout
+from .masks._cu_seq_blocks import cu_seq_block_lists, cu_seq_layout
 from .ops import inductor_flex_attention, inductor_flex_attention_backward
 from .ops._shared import as_leaf_kernel
 

@@ -141,9 +141,9 @@ def _early_dp(options, config) -> bool:
 
 def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
                    fw_graph, joint_graph, block_mask, scale, kernel_options,
-                   score_mod_other_buffers=(), mask_mod_other_buffers=()):
+                   score_mod_other_buffers=(), mask_mod_other_buffers=(), *, extra_choices=None):
     """Lower the backward operator to the fused Triton kernel (``Declined`` where it does
-    not apply)."""
+    not apply). ``extra_choices``: other kernels timed against ours (``common.choose_kernel``)."""
     options = PassOptions(kernel_options, BACKWARD)
     kernel_options = dict(kernel_options or {})
     mask = OperatorBlockMask(*block_mask)
@@ -286,7 +286,7 @@ def lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
         mutated_inputs=[grad_query, grad_value] + [g for g in grad_buffers if g is not None],
         call_sizes=list(query.get_size()) + [kv_heads, kv_len],
         input_generators=generators,
-        describe=str(configs))
+        describe=str(configs), extra_choices=extra_choices)
     record_subgraph_symbols(grad_key, score_mod_other_buffers + mask_mod_other_buffers,
                             [score_buffer, mask_buffer, grad_score_buffer] + list(scatters))
 

@@ -9,7 +9,7 @@ import math
 import operator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import sympy
 import torch
@@ -363,9 +363,12 @@ def block_mask_input_generators(first_position: int, block_lists: Sequence,
 
 
 def choose_kernel(template, name: str, launches: Sequence, *, input_nodes, layout, subgraphs,
-                  mutated_inputs, call_sizes, input_generators: dict, describe: str):
+                  mutated_inputs, call_sizes, input_generators: dict, describe: str,
+                  extra_choices: Optional[Callable] = None):
     """Render one choice of ``template`` per launch ``(num_warps, num_stages, options)`` and
     let ``autotune_select_algorithm`` pick (a single choice is taken without timing).
+    ``extra_choices(input_nodes, layout)``, when given, adds choices of other kernels timed
+    on the same arguments (the vendor kernels, ``vendor.py``).
 
     Autotuning runs the kernel on made-up inputs: ``input_generators`` makes the block-mask
     tensors valid data. The kernel's arguments are the named inputs, then the buffers the
@@ -386,8 +389,10 @@ def choose_kernel(template, name: str, launches: Sequence, *, input_nodes, layou
                            f"{describe}: {errors[0] if errors else 'unknown'}")
     from torch._inductor.select_algorithm import autotune_select_algorithm
 
-    result = autotune_select_algorithm(f"inductor_flex_{name}", choices,
-                                       list(choices[0].input_nodes), layout,
+    timed_inputs = list(choices[0].input_nodes)
+    if extra_choices is not None:
+        choices = choices + list(extra_choices(timed_inputs, layout))
+    result = autotune_select_algorithm(f"inductor_flex_{name}", choices, timed_inputs, layout,
                                        input_gen_fns=input_generators)
     return _compat.autotune_result_node(result)
 

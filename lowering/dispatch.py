@@ -6,6 +6,9 @@ reason (logged at debug level: ``TORCH_LOGS="+inductor_flex"`` or the ``inductor
 logger), and the next is tried. The last candidate, the extern call of the exact chunked
 implementation, serves every call.
 
+``"AUTO"`` first tries the vendor SDPA kernels (cuDNN, flash; ``vendor.py``), which serve
+only calls whose block mask carries a proven full / causal pattern.
+
 ``kernel_options["BACKEND"]`` narrows the list: ``"AUTO"`` (default) tries all;
 ``"TRITON"`` only the fused Triton kernels; ``"TRITON_DECODE"`` only the short-query
 kernel (``decode.py``). An explicit backend that cannot serve the call is an error naming the reason,
@@ -55,10 +58,13 @@ class Candidate:
 FORWARD = (
     Candidate("split-KV Triton decode", "decode.lower_decode", ("AUTO", "TRITON_DECODE"), ("cuda",),
               short_query=True),
+    # Full / causal calls an SDPA kernel computes exactly (vendor.py); BACKEND="TRITON" skips it.
+    Candidate("vendor SDPA forward", "vendor.lower_forward_vendor", ("AUTO",), ("cuda",)),
     Candidate("fused Triton forward", "forward.lower_forward", ("AUTO", "TRITON"), ("cuda",)),
     Candidate("extern dense forward", "extern.lower_forward_extern", ("AUTO",)),
 )
 BACKWARD = (
+    Candidate("vendor SDPA backward", "vendor.lower_backward_vendor", ("AUTO",), ("cuda",)),
     # The short-query forward has no backward of its own: its calls differentiate through
     # the fused backward, so TRITON_DECODE selects that too.
     Candidate("fused Triton backward", "backward.lower_backward",

@@ -63,9 +63,9 @@ def forward_template():
 # ---------------------------------------------------------------------------------------
 
 def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_options,
-                  score_mod_other_buffers=(), mask_mod_other_buffers=()):
+                  score_mod_other_buffers=(), mask_mod_other_buffers=(), *, extra_choices=None):
     """Lower the forward operator to the fused Triton kernel (``Declined`` where it does
-    not apply)."""
+    not apply). ``extra_choices``: other kernels timed against ours (``common.choose_kernel``)."""
     options = PassOptions(kernel_options, FORWARD)
     kernel_options = dict(kernel_options or {})
     mask = OperatorBlockMask(*block_mask)
@@ -159,6 +159,6 @@ def lower_forward(query, key, value, score_mod, block_mask, scale, kernel_option
         mutated_inputs=[lse, max_scores] if output_max else [lse],
         call_sizes=query.get_size(),
         input_generators=block_mask_input_generators(5, block_lists, has_full_blocks),
-        describe=configs_summary(configs))
+        describe=configs_summary(configs), extra_choices=extra_choices)
     record_subgraph_symbols(out, mods.captured, mods.subgraphs)
     return out, lse, max_scores

@@ -199,8 +199,9 @@ def test_kernel_options_are_copied_upper_cased_and_flagged(operator_calls):
     assert options == frozen
     passed = operator_calls[-1][6]
     assert passed is not options
+    # No block mask: the keep-all mask flex_attention builds carries the "full" pattern.
     assert passed == {"BLOCK_M": 64, "FWD_NUM_WARPS": 4, "PRESCALE_QK": True,
-                      "OUTPUT_LOGSUMEXP": False, "OUTPUT_MAX": True}
+                      "OUTPUT_LOGSUMEXP": False, "OUTPUT_MAX": True, "MASK_PATTERN": "full"}
 
 
 @pytest.mark.parametrize("requires_grad, return_lse, expected", [(False, False, False), (True, False, True),

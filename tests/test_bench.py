@@ -4,6 +4,7 @@ import csv
 import importlib.util
 import json
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -99,11 +100,13 @@ def test_benchmark_scripts_use_the_shared_pieces(capsys):
     args = backward.parse_args(["--shapes", "small", "--masks", "causal", "--no-memory"])
     assert args.shapes == ["small"] and args.modes == ["default"] and not args.memory
     forward.print_table([dict(shape="small", mask="causal", ours_default_tflops=400.0,
-                              pt_default_tflops=350.0, ratio_default=1.14)], ["default"])
+                              ours_triton_default_tflops=380.0, pt_default_tflops=350.0,
+                              ratio_default=1.14, ours_default_vs_best_sdpa=1.01)], ["default"],
+                        triton_column=True)
     backward.print_case_table([dict(shape="small", mask="causal", ours_default_error="boom")],
                               ["default"])
     out = capsys.readouterr().out
-    assert "small | causal | 400     | 350   | 1.14" in out
+    assert re.search(r"small \| causal \| 400 +\| 380 +\| 350 +\| 1\.14 +\| [^|]+\| 1\.01", out), out
     assert "small | causal | err" in out
 
 
