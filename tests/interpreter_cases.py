@@ -1,10 +1,10 @@
-"""The decode kernel's cases run through Triton's interpreter (see triton_interpreter.py).
+"""Our Triton kernels' cases run through Triton's interpreter (see triton_interpreter.py).
 
-``python decode_interpreter_cases.py [case ...]`` under ``TRITON_INTERPRET=1`` runs each
-case, compiled with BACKEND="TRITON_DECODE" (so the decode kernel must serve it) against a
-float64 run with tests/gpu/flex_check.py's error-ratio rule, and prints one JSON line per
-case: {"case": name, "error": null or the failure}. tests/test_decode_interpreter.py runs
-it in a fresh process.
+``python interpreter_cases.py [case ...]`` under ``TRITON_INTERPRET=1`` runs each case
+against a float64 run with tests/gpu/flex_check.py's error-ratio rule, and prints one JSON
+line per case: {"case": name, "error": null or the failure}. The decode cases compile with
+BACKEND="TRITON_DECODE", the others with BACKEND="TRITON", so the kernel under test must
+serve them. tests/test_interpreter.py runs it in a fresh process.
 """
 import json
 import os
@@ -18,7 +18,8 @@ import triton_interpreter  # noqa: E402,F401  (must come before torch compiles a
 import torch  # noqa: E402
 from torch._inductor.utils import run_and_get_code  # noqa: E402
 
-from flex_check import alibi, causal_at, check_against_golden, qkv, sliding_window_at, softcap  # noqa: E402
+from flex_check import (  # noqa: E402
+    alibi, causal_at, check_against_golden, check_grads_against_golden, qkv, sliding_window_at, softcap)
 from inductor_flex import AuxRequest, create_block_mask, flex_attention  # noqa: E402
 
 DECODE = {"BACKEND": "TRITON_DECODE"}
@@ -83,7 +84,22 @@ def split_kv_option():
     check_against_golden(q, k, v, kernel_options=dict(DECODE, SPLIT_KV=5))
 
 
-CASES = {f.__name__: f for f in (gqa4_one_token_ragged, gqa5_four_tokens_causal_alibi,
+def default_mask_dynamic_across_block_boundaries():
+    # The default full mask under dynamic=True (on the CPU with a spare block row and
+    # column, whose strides are sums) through the fused forward and backward: exact on both
+    # sides of 128 tokens, one frame. Strides pasted unparenthesised read wrong rows here.
+    import torch._dynamo.testing
+
+    torch._dynamo.reset()
+    counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
+    compiled = torch.compile(flex_attention, backend=counter, dynamic=True)
+    for length in (64, 200, 520):
+        q, k, v = qkv("cpu", torch.float32, B=2, Hq=2, M=length, E=16, seed=length)
+        check_grads_against_golden(q, k, v, compiled=compiled, kernel_options={"BACKEND": "TRITON"})
+    assert counter.frame_count == 1, counter.frame_count
+
+
+CASES = {f.__name__: f for f in (default_mask_dynamic_across_block_boundaries, gqa4_one_token_ragged, gqa5_four_tokens_causal_alibi,
                                   per_head_mask_sixteen_tokens_softcap, rows_that_see_nothing,
                                   split_kv_option)}
 
