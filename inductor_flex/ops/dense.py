@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .._block_lists import OperatorBlockMask, listed_to_dense
 from .._mods import mask_mod_grid, score_mod_at, score_mod_grid
+from .._compat import cpu_has_bfloat16_matmul_units
 from ._shared import empty_in_layout_of  # the fake registrations use it too: strides agree
 
 # Chunks are sized so one chunk's fp32 score tile holds about this many elements (64 MiB);
@@ -60,6 +61,13 @@ def _round_in_place(tile: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
     if dtype is not None:
         tile.copy_(tile.to(dtype))
     return tile
+
+
+def _native_bfloat16_matmul(query: Tensor) -> bool:
+    if query.dtype != torch.bfloat16:
+        return False
+    return query.device.type == "cuda" or (query.device.type == "cpu"
+                                          and cpu_has_bfloat16_matmul_units())
 
 
 def default_chunk_rows(batch: int, q_heads: int, q_len: int, kv_len: int, q_block_size: int,
@@ -188,6 +196,10 @@ class _Problem:
         # Converted once, not per chunk; a no-op for float32 inputs.
         self.key = key.to(self.dtype)
         self.value = value.to(self.dtype)
+        # bfloat16 P @ V as a bfloat16 matmul where that is native: it accumulates in float32
+        # and rounds once, as the float32 product of the rounded P then rounded does, in a
+        # third of the time (docs/kernels.md, CPU section).
+        self.bfloat16_value = value if _native_bfloat16_matmul(query) else None
         self.scale = float(scale)
         self.score_mod = score_mod
         self.score_mod_buffers = tuple(score_mod_buffers)
@@ -301,11 +313,11 @@ class _Problem:
             # Written through the grid view, so it lands in stacked order without a copy.
             self.stacking.to_grid(probs, chunk).copy_(modified_grid)
         tile.drop_masked(self.stacking.to_grid(probs, chunk), -math.inf)
-        row_max, at_max = probs.max(dim=-1, keepdim=True)
+        row_max = probs.amax(dim=-1, keepdim=True)
         # One fused pass (max, exp, sum, scale per row), in place; the row sum it does not
-        # return is 1 / (the probability at the row max), which gives lse.
+        # return is 1 / (the largest probability, that of the row max), which gives lse.
         torch.ops.aten._softmax.out(probs, -1, False, out=probs)
-        lse = row_max - probs.gather(-1, at_max).log()
+        lse = row_max - probs.amax(dim=-1, keepdim=True).log()
         empty = row_max == -math.inf
         if bool(empty.any()):
             # softmax of a row of -inf is NaN: such rows keep nothing.
@@ -393,10 +405,13 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callab
         probs, row_max, chunk_lse = problem.softmax_parts(
             modified, tile, chunk, owned=True)
         del raw, modified
-        value_tile = tile.gather(problem.value)
         # In float16/bfloat16 the normalised probabilities are rounded before the product,
         # as the eager recipe does.
-        chunk_out = torch.matmul(_round_in_place(probs, problem.operand_dtype), value_tile)
+        if problem.bfloat16_value is not None:
+            chunk_out = torch.matmul(probs.to(torch.bfloat16), tile.gather(problem.bfloat16_value))
+        else:
+            chunk_out = torch.matmul(_round_in_place(probs, problem.operand_dtype),
+                                     tile.gather(problem.value))
         out[:, :, start:stop] = stacking.to_grid(chunk_out, chunk)
         lse[:, :, start:stop] = problem.rows_to_stat(chunk_lse, chunk)
         max_scores[:, :, start:stop] = problem.rows_to_stat(row_max, chunk)
@@ -428,8 +443,8 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
     that precision up to the float16/bfloat16 rounding of P (before ``P^T @ dO``) and of the
     raw-score gradient dS (before ``dS @ K`` and ``dS^T @ Q``) that the module docstring
     describes; the softmax gradient itself uses the unrounded P, and its row term
-    rowsum(dO * out) reads ``out`` (the forward's result, in the input dtype) for float16 /
-    bfloat16 inputs and recomputes it otherwise. ``logsumexp`` is accepted to match the
+    rowsum(dO * out) reads ``out`` (the forward's result, in the input dtype; in float32 and
+    float64 it is exactly P @ V). ``logsumexp`` is accepted to match the
     operator's signature. The softmax and matmul gradients are
     written out; the score_mod's own gradient (with respect to its score and its buffers)
     comes from ``torch.func.vjp``, which works whatever the surrounding grad mode or
@@ -479,13 +494,10 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
             grad_out_rows = stacking.to_rows(grad_out[:, :, start:stop]).to(work)
             # d loss / d probs, then through the softmax: p * (dP - rowsum(p * dP) + dlse).
             grad_scores = torch.matmul(grad_out_rows, value_tile.transpose(-1, -2))
-            # rowsum(p * dP) = rowsum(dO * (p @ V)): a [rows, Ev] product instead of [rows, N].
-            # In float16/bfloat16 p @ V is the output the forward returned, rounded to that
-            # dtype, as a fused kernel (which keeps only that output) must read it too.
-            if problem.operand_dtype is None:
-                out_rows = torch.matmul(probs, value_tile)
-            else:
-                out_rows = stacking.to_rows(out[:, :, start:stop]).to(work)
+            # rowsum(p * dP) = rowsum(dO * (p @ V)) = rowsum(dO * out): the forward's output
+            # (in float16/bfloat16 rounded to that dtype, as a fused kernel, which keeps only
+            # that output, must read it too), not a [rows, N] product.
+            out_rows = stacking.to_rows(out[:, :, start:stop]).to(work)
             row_dot = (grad_out_rows * out_rows).sum(-1, keepdim=True)
             del out_rows
             if grad_logsumexp is not None:
