@@ -84,17 +84,11 @@ def default_chunk_rows(batch: int, q_heads: int, q_len: int, kv_len: int, q_bloc
     return max(1, min(rows, q_len))
 
 
-# Rows per chunk when the budget allows more: a query block (or a few small ones) at a
-# time, so each chunk reads only the KV blocks its rows list, and its score tile stays
-# cache-sized. Fewer, larger chunks would take the union of more rows' lists.
-SPARSE_CHUNK_MIN_ROWS = 128
-
-
 def sparse_chunk_rows(q_block_size: int, budget_rows: int) -> int:
-    """Query rows per chunk: whole query blocks, at least SPARSE_CHUNK_MIN_ROWS rows,
-    never more than ``budget_rows`` (``default_chunk_rows``)."""
-    blocks = -(-SPARSE_CHUNK_MIN_ROWS // max(1, q_block_size))
-    return max(1, min(budget_rows, blocks * q_block_size))
+    """Query rows per chunk: one query block, or fewer rows where ``budget_rows``
+    (``default_chunk_rows``) says so. A chunk within one query block reads exactly the KV
+    blocks that block lists, so no mod runs on a block the mask leaves out."""
+    return max(1, min(budget_rows, q_block_size))
 
 
 class _Tile:
@@ -250,11 +244,11 @@ class _Problem:
         def marks(dense: Tensor) -> Tensor:
             return dense[..., first_qb:end_qb, :].index_select(-1, block_ids)
 
-        # Per listed block: does any row list it as partial; is it full for every row.
+        # Columns of a block that is full for every batch, head and row need no mask.
         partial_marks = marks(self.partial)
-        partial_blocks = partial_marks.flatten(0, 2).any(0)
         if self.full is None:
-            full_marks, masked_blocks = None, torch.ones_like(partial_blocks)
+            full_marks = None
+            masked_blocks = torch.ones(block_ids.shape, dtype=torch.bool, device=self.device)
         else:
             full_marks = marks(self.full)
             masked_blocks = ~full_marks.flatten(0, 2).all(0)
@@ -273,13 +267,22 @@ class _Problem:
                             masked_block.numel()), dtype=torch.bool, device=self.device)
         if full_marks is not None:
             keep |= expand(full_marks)
-        # mask_mod runs on the columns of blocks that some row lists as partial, only.
-        partial = partial_blocks[masked_block].nonzero().flatten()
-        if partial.numel() > 0:
-            partial = _as_slice(partial)
-            allowed = mask_mod_grid(self.mask_mod, self.batch_idx, self.head_idx, q_idx,
-                                    kv_idx[masked_columns][partial], self.mask_mod_buffers)
-            keep[..., partial] |= expand(partial_marks)[..., partial] & allowed
+        # mask_mod runs only where a query block lists a KV block as partial: one query
+        # block at a time (a chunk is one, unless chunk_size says otherwise).
+        masked_kv_idx = kv_idx[masked_columns]
+        for local_qb in range(end_qb - first_qb):
+            block_start = (first_qb + local_qb) * self.q_block_size
+            rows = slice(max(start, block_start) - start,
+                         min(stop, block_start + self.q_block_size) - start)
+            columns = partial_marks[..., local_qb, :].flatten(0, -2).any(0)[masked_block]
+            columns = columns.nonzero().flatten()
+            if columns.numel() == 0:
+                continue
+            columns = _as_slice(columns)
+            allowed = mask_mod_grid(self.mask_mod, self.batch_idx, self.head_idx, q_idx[rows],
+                                    masked_kv_idx[columns], self.mask_mod_buffers)
+            in_partial = expand(partial_marks)[..., rows, columns]
+            keep[..., rows, columns] |= in_partial & allowed
         return _Tile(kv_idx, kv_slice, masked_columns, keep)
 
     def raw_scores(self, q_chunk: Tensor, key: Tensor) -> Tuple[Tensor, Tensor]:
