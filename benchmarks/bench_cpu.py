@@ -13,7 +13,7 @@ figure of what the code can do):
 
 each with a block mask from its own ``create_block_mask``. Ratios: ``pt_c / ours_c``
 (above 1: ours is faster), ``full / causal`` forward of ours compiled, and
-``ours_fb / ours_c``. Threads: ``torch.set_num_threads(os.cpu_count())``.
+``ours_fb / ours_c``. Threads: ``torch.set_num_threads(os.cpu_count())`` unless --threads.
 
     R=$PWD; cd /tmp; python3 -P $R/benchmarks/bench_cpu.py --quick
     python3 -P $R/benchmarks/bench_cpu.py            # the whole matrix: long on 2 cores
@@ -141,12 +141,14 @@ def main(argv=None):
     parser.add_argument("--dtypes", default=",".join(DTYPES))
     parser.add_argument("--masks", default=",".join(MASKS))
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="torch.set_num_threads (default: the machine's core count)")
     parser.add_argument("--pt-eager-max", type=int, default=1 << 26,
                         help="largest B*H*S*S for which PyTorch's eager forward is timed")
     args = parser.parse_args(argv)
     if args.quick:
         args.shapes, args.dtypes, args.masks = "s2k", "fp32", "full,causal,softcap_causal"
-    torch.set_num_threads(os.cpu_count())
+    torch.set_num_threads(args.threads)
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = []
     for shape in args.shapes.split(","):

@@ -64,10 +64,10 @@ def _round_in_place(tile: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
 
 
 def _native_bfloat16_matmul(query: Tensor) -> bool:
-    if query.dtype != torch.bfloat16:
-        return False
-    return query.device.type == "cuda" or (query.device.type == "cpu"
-                                          and cpu_has_bfloat16_matmul_units())
+    # CPU only: cuBLAS may reduce bfloat16 products in reduced precision, and the CUDA eager
+    # path is the yardstick of the fused kernels' error.
+    return (query.dtype == torch.bfloat16 and query.device.type == "cpu"
+            and cpu_has_bfloat16_matmul_units())
 
 
 def default_chunk_rows(batch: int, q_heads: int, q_len: int, kv_len: int, q_block_size: int,
@@ -190,9 +190,9 @@ class _Problem:
         # Converted once, not per chunk; a no-op for float32 inputs.
         self.key = key.to(self.dtype)
         self.value = value.to(self.dtype)
-        # bfloat16 P @ V as a bfloat16 matmul where that is native: it accumulates in float32
-        # and rounds once, as the float32 product of the rounded P then rounded does, in a
-        # third of the time (docs/kernels.md, CPU section).
+        # bfloat16 P @ V as a bfloat16 matmul where the CPU has the units: it accumulates in
+        # float32 and rounds once, as the float32 product of the rounded P then rounded
+        # does, in a third of the time (docs/kernels.md, CPU section).
         self.bfloat16_value = value if _native_bfloat16_matmul(query) else None
         self.scale = float(scale)
         self.score_mod = score_mod
