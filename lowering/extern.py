@@ -44,7 +44,7 @@ from torch import Tensor
 from torch.fx.graph import _custom_builtins
 
 from inductor_flex._block_lists import OperatorBlockMask
-from inductor_flex._mods import batchable
+from inductor_flex._mods import batchable, identity_score_mod
 from inductor_flex.ops.backward import (
     in_layouts_of_inputs,
     match_layout,
@@ -52,6 +52,8 @@ from inductor_flex.ops.backward import (
     with_score_gradient,
 )
 from inductor_flex.ops._shared import empty_in_layout_of, joint_graph_buffer_grads
+
+from .subgraphs import is_identity_score_mod
 
 # ---------------------------------------------------------------------------------------
 # Mods as source text
@@ -218,7 +220,10 @@ def _as_leaf_kernel():
 
 
 def bound_mod(source: str, constants: Sequence[Tensor]) -> Callable:
-    """The mod compiled from ``source``, with its lifted constants appended to every call."""
+    """The mod compiled from ``source``, with its lifted constants appended to every call;
+    an empty source is the identity score_mod (the dense kernel then skips the mod)."""
+    if not source:
+        return identity_score_mod
     mod = mod_from_source(source)
     if not constants:
         return mod
@@ -356,13 +361,17 @@ def _subgraph_module(mod) -> torch.fx.GraphModule:
     return graph_module
 
 
-def _mod_args(mod, buffers: Sequence) -> tuple:
+def _mod_args(mod, buffers: Sequence, identity: bool = False) -> tuple:
     """``(source, tensors, scalars, is_tensor, constants)`` arguments of the custom ops for
-    one mod and its buffers; the constants its graph reads become Inductor graph constants."""
+    one mod and its buffers; the constants its graph reads become Inductor graph constants.
+    ``identity``: the mod is the identity score_mod, sent as an empty source."""
     from torch._inductor import ir
     from torch._inductor.virtualized import V
 
-    source, constants = mod_to_source(_subgraph_module(mod))
+    if identity:
+        source, constants = "", []
+    else:
+        source, constants = mod_to_source(_subgraph_module(mod))
     boxes = [V.graph.add_tensor_constant(t, "inductor_flex_mod_constant") for t in constants]
     is_tensor = [isinstance(b, ir.IRNode) for b in buffers]
     tensors = [b for b, flag in zip(buffers, is_tensor) if flag]
@@ -389,7 +398,7 @@ def lower_forward_extern(query, key, value, score_mod, block_mask, scale, kernel
     mask_args, mask_mod = _block_mask_args(block_mask)
     out, lse, max_scores = _fallback(torch.ops.inductor_flex.dense_forward.default)(
         query, key, value, *mask_args, *scale_args(scale),
-        *_mod_args(score_mod, score_mod_other_buffers),
+        *_mod_args(score_mod, score_mod_other_buffers, is_identity_score_mod(score_mod)),
         *_mod_args(mask_mod, mask_mod_other_buffers))
     return out, lse, max_scores
 
@@ -400,11 +409,13 @@ def lower_backward_extern(query, key, value, out, logsumexp, grad_out, grad_logs
     """Lower ``inductor_flex_attention_backward`` to ``inductor_flex::dense_backward``."""
     mask_args, mask_mod = _block_mask_args(block_mask)
     needs_grad = _joint_buffers_with_grads(joint_graph, len(score_mod_other_buffers))
+    identity = is_identity_score_mod(fw_graph)
+    # The identity's score gradient is the incoming gradient: no gradient source either.
     gradient_source, _, _, _, gradient_constants = _mod_args(
-        score_gradient_graph(_subgraph_module(joint_graph)), ())
+        score_gradient_graph(_subgraph_module(joint_graph)), (), identity)
     grad_query, grad_key, grad_value, kept = _fallback(torch.ops.inductor_flex.dense_backward.default)(
         query, key, value, out, logsumexp, grad_out, grad_logsumexp, *mask_args,
-        *scale_args(scale), *_mod_args(fw_graph, score_mod_other_buffers),
+        *scale_args(scale), *_mod_args(fw_graph, score_mod_other_buffers, identity),
         gradient_source, gradient_constants,
         *_mod_args(mask_mod, mask_mod_other_buffers), needs_grad)
     kept = iter(kept)

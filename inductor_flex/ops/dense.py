@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .._block_lists import OperatorBlockMask, listed_to_dense
-from .._mods import mask_mod_grid, score_mod_at, score_mod_grid
+from .._mods import identity_score_mod, mask_mod_grid, score_mod_at, score_mod_grid
 from .._compat import cpu_has_bfloat16_matmul_units
 from ._shared import empty_in_layout_of  # the fake registrations use it too: strides agree
 
@@ -197,6 +197,8 @@ class _Problem:
         self.scale = float(scale)
         self.score_mod = score_mod
         self.score_mod_buffers = tuple(score_mod_buffers)
+        # No score_mod: no vmap, no vjp, the raw scores are the scores.
+        self.identity_score = score_mod is identity_score_mod
         self.mask_mod_buffers = tuple(mask_mod_buffers)
         mask = OperatorBlockMask(*block_mask)
         self.q_block_size, self.kv_block_size = mask.q_block_size, mask.kv_block_size
@@ -293,6 +295,8 @@ class _Problem:
 
     def modify(self, raw_grid: Tensor, q_idx: Tensor, kv_idx: Tensor,
                score_mod_buffers: Sequence[Tensor]) -> Tensor:
+        if self.identity_score:
+            return raw_grid
         modified = score_mod_grid(self.score_mod, raw_grid, self.batch_idx, self.head_idx, q_idx,
                                   kv_idx, score_mod_buffers)
         # A mod mixing in a float64 tensor (or an int result) would promote; scores stay in
@@ -490,7 +494,10 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
 
             raw_grid = stacking.to_grid(raw, chunk)
             wanted_buffers = [buffers[i].detach() for i in grad_positions]
-            modified, modify_vjp = torch.func.vjp(modify, raw_grid, *wanted_buffers)
+            if problem.identity_score and not wanted_buffers:
+                modified, modify_vjp = raw_grid, lambda grad: (grad,)
+            else:
+                modified, modify_vjp = torch.func.vjp(modify, raw_grid, *wanted_buffers)
             probs, _, _ = problem.softmax_parts(modified, tile, chunk, owned=False)
             del modified
 
