@@ -34,6 +34,7 @@ implementations return those layouts too, since Inductor checks the strides of e
 outputs.
 """
 import contextlib
+import logging
 import math
 import importlib
 from typing import Callable, Optional, Sequence
@@ -44,7 +45,7 @@ from torch import Tensor
 from torch.fx.graph import _custom_builtins
 
 from inductor_flex._block_lists import OperatorBlockMask
-from inductor_flex._mods import batchable, identity_score_mod
+from inductor_flex._mods import batchable, identity_score_mod, score_mod_grid
 from inductor_flex.ops.backward import (
     in_layouts_of_inputs,
     match_layout,
@@ -235,6 +236,50 @@ def bound_mod(source: str, constants: Sequence[Tensor]) -> Callable:
     return with_constants
 
 
+# A score tile at least this large (B x H x rows x columns) gets the fused score_mod; below
+# it the one-off compile (seconds) is not worth it.
+FUSED_SCORE_MOD_MIN_ELEMENTS = 1 << 20
+log = logging.getLogger("inductor_flex")
+
+
+class FusedScoreMod:
+    """``score_mod_grid`` for one score_mod source as one Inductor-compiled CPU kernel.
+
+    ``torch.compile`` (dynamic shapes: one compile serves every tile width) of the same
+    vmapped grid evaluation, so every op of the mod runs in one pass over the tile instead
+    of one ATen op (and one pass) each. Compiled on the first tile of at least
+    FUSED_SCORE_MOD_MIN_ELEMENTS; smaller tiles, and every tile after a failed compile
+    (logged at debug level), take the plain vmap path.
+    """
+
+    def __init__(self):
+        self.failed = False
+        self.compiled = torch.compile(score_mod_grid, dynamic=True, fullgraph=True)
+
+    def __call__(self, score_mod, scores, b, h, q_idx, kv_idx, buffers=()):
+        if not self.failed and scores.numel() >= FUSED_SCORE_MOD_MIN_ELEMENTS:
+            try:
+                return self.compiled(score_mod, scores, b, h, q_idx, kv_idx, tuple(buffers))
+            except Exception as error:  # any compile failure: the exact vmap path serves
+                self.failed = True
+                log.debug("inductor_flex: fused score_mod not compiled, vmap serves: %s", error)
+        return score_mod_grid(score_mod, scores, b, h, q_idx, kv_idx, buffers)
+
+
+_fused_score_mods: dict[str, FusedScoreMod] = {}
+
+
+def fused_score_mod(source: str) -> Optional[FusedScoreMod]:
+    """The ``FusedScoreMod`` of a score_mod source (one per text); None for the identity
+    (empty source), which needs no kernel."""
+    if not source:
+        return None
+    fused = _fused_score_mods.get(source)
+    if fused is None:
+        fused = _fused_score_mods[source] = FusedScoreMod()
+    return fused
+
+
 def merged_buffers(tensors: Sequence[Tensor], scalars: Sequence[int],
                    is_tensor: Sequence[bool]) -> tuple:
     """A mod's buffers in their original order, from the tensors and the ints (sizes a
@@ -269,9 +314,11 @@ def dense_forward(query: Tensor, key: Tensor, value: Tensor, kv_num_blocks: Tens
     score_mod = bound_mod(score_mod_source, score_mod_constants)
     score_mod_buffers = merged_buffers(score_mod_tensors, score_mod_scalars, score_mod_is_tensor)
     mask_mod_buffers = merged_buffers(mask_mod_tensors, mask_mod_scalars, mask_mod_is_tensor)
+    on_tile = fused_score_mod(score_mod_source) if query.device.type == "cpu" else None
     with _as_leaf_kernel():
         out, lse, max_scores = dense_attention(query, key, value, score_mod, block_mask, scale,
-                                               score_mod_buffers, mask_mod_buffers)
+                                               score_mod_buffers, mask_mod_buffers,
+                                               score_mod_on_tile=on_tile)
     return match_layout(out, query), lse.contiguous(), max_scores.contiguous()
 
 

@@ -180,7 +180,8 @@ class _Problem:
 
     def __init__(self, query: Tensor, key: Tensor, value: Tensor, score_mod: Callable,
                  block_mask: tuple, scale: float, score_mod_buffers: Sequence[Tensor],
-                 mask_mod_buffers: Sequence[Tensor], chunk_size: Optional[int], budget: int):
+                 mask_mod_buffers: Sequence[Tensor], chunk_size: Optional[int], budget: int,
+                 score_mod_on_tile: Optional[Callable] = None):
         batch, q_heads, q_len, _ = query.shape
         kv_batch, kv_heads, kv_len, _ = key.shape
         self.device = query.device
@@ -199,6 +200,8 @@ class _Problem:
         self.score_mod_buffers = tuple(score_mod_buffers)
         # No score_mod: no vmap, no vjp, the raw scores are the scores.
         self.identity_score = score_mod is identity_score_mod
+        # Called as score_mod_grid is, in its place (the compiled path's fused kernel).
+        self.score_mod_on_tile = score_mod_grid if score_mod_on_tile is None else score_mod_on_tile
         self.mask_mod_buffers = tuple(mask_mod_buffers)
         mask = OperatorBlockMask(*block_mask)
         self.q_block_size, self.kv_block_size = mask.q_block_size, mask.kv_block_size
@@ -297,7 +300,7 @@ class _Problem:
                score_mod_buffers: Sequence[Tensor]) -> Tensor:
         if self.identity_score:
             return raw_grid
-        modified = score_mod_grid(self.score_mod, raw_grid, self.batch_idx, self.head_idx, q_idx,
+        modified = self.score_mod_on_tile(self.score_mod, raw_grid, self.batch_idx, self.head_idx, q_idx,
                                   kv_idx, score_mod_buffers)
         # A mod mixing in a float64 tensor (or an int result) would promote; scores stay in
         # the working dtype.
@@ -372,12 +375,15 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callab
                     block_mask: tuple, scale: float,
                     score_mod_other_buffers: Sequence[Tensor] = (),
                     mask_mod_other_buffers: Sequence[Tensor] = (), *,
-                    chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    chunk_size: Optional[int] = None,
+                    score_mod_on_tile: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Exact forward of the attention operator.
 
     Arguments follow the operator (docs/internals.md), without kernel_options: ``block_mask``
     is the block mask tuple. ``chunk_size`` overrides the number of query rows processed at
     once (default: see ``default_chunk_rows``); the result does not depend on it.
+    ``score_mod_on_tile``, if given, replaces ``_mods.score_mod_grid`` (same arguments) for
+    the score tiles: the compiled path passes a fused kernel (``lowering/extern.py``).
 
     Returns ``out [B, Hq, M, Ev]`` in the query's dtype and memory order, and ``lse`` and
     ``max_scores`` ``[B, Hq, M]`` in float32 (also for float64 inputs, per the contract).
@@ -395,7 +401,8 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callab
         return out, lse, max_scores
 
     problem = _Problem(query, key, value, score_mod, block_mask, scale, score_mod_other_buffers,
-                       mask_mod_other_buffers, chunk_size, DEFAULT_SCORE_ELEMENTS_PER_CHUNK)
+                       mask_mod_other_buffers, chunk_size, DEFAULT_SCORE_ELEMENTS_PER_CHUNK,
+                       score_mod_on_tile)
     stacking = problem.stacking
     for start, stop in problem.chunks():
         chunk = stop - start
