@@ -215,3 +215,12 @@ def register_inductor_decomposition(op, function) -> None:
     cached = getattr(decomposition, "fast_random_decomps", None)
     if cached is not None:
         cached()[op] = function
+
+
+# --- CPU features (inductor_flex/ops/dense.py) ------------------------------------------
+
+def cpu_has_bfloat16_matmul_units() -> bool:
+    """True where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX), so oneDNN's
+    bfloat16 matmul beats a float32 one; ``torch.cpu`` probes by these names in 2.11 and 2.13."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)

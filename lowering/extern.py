@@ -33,6 +33,7 @@ in the query's memory order, gradients in their inputs' layouts), and the real
 implementations return those layouts too, since Inductor checks the strides of extern
 outputs.
 """
+import logging
 import math
 import importlib
 from typing import Callable, Optional, Sequence
@@ -43,7 +44,7 @@ from torch import Tensor
 from torch.fx.graph import _custom_builtins
 
 from inductor_flex._block_lists import OperatorBlockMask
-from inductor_flex._mods import batchable
+from inductor_flex._mods import batchable, identity_score_mod, score_mod_grid
 from inductor_flex.ops.backward import (
     in_layouts_of_inputs,
     match_layout,
@@ -51,6 +52,8 @@ from inductor_flex.ops.backward import (
     with_score_gradient,
 )
 from inductor_flex.ops._shared import as_leaf_kernel, empty_in_layout_of, joint_graph_buffer_grads
+
+from .subgraphs import is_identity_score_mod
 
 # ---------------------------------------------------------------------------------------
 # Mods as source text
@@ -190,7 +193,10 @@ def _block_mask_tuple(query: Tensor, key: Tensor, kv_num_blocks, kv_indices, ful
 
 
 def bound_mod(source: str, constants: Sequence[Tensor]) -> Callable:
-    """The mod compiled from ``source``, with its lifted constants appended to every call."""
+    """The mod compiled from ``source``, with its lifted constants appended to every call;
+    an empty source is the identity score_mod (the dense kernel then skips the mod)."""
+    if not source:
+        return identity_score_mod
     mod = mod_from_source(source)
     if not constants:
         return mod
@@ -200,6 +206,50 @@ def bound_mod(source: str, constants: Sequence[Tensor]) -> Callable:
         return mod(*args, *constants)
 
     return with_constants
+
+
+# A score tile at least this large (B x H x rows x columns) gets the fused score_mod; below
+# it the one-off compile (seconds) is not worth it.
+FUSED_SCORE_MOD_MIN_ELEMENTS = 1 << 20
+log = logging.getLogger("inductor_flex")
+
+
+class FusedScoreMod:
+    """``score_mod_grid`` for one score_mod source as one Inductor-compiled CPU kernel.
+
+    ``torch.compile`` (dynamic shapes: one compile serves every tile width) of the same
+    vmapped grid evaluation, so every op of the mod runs in one pass over the tile instead
+    of one ATen op (and one pass) each. Compiled on the first tile of at least
+    FUSED_SCORE_MOD_MIN_ELEMENTS; smaller tiles, and every tile after a failed compile
+    (logged at debug level), take the plain vmap path.
+    """
+
+    def __init__(self):
+        self.failed = False
+        self.compiled = torch.compile(score_mod_grid, dynamic=True, fullgraph=True)
+
+    def __call__(self, score_mod, scores, b, h, q_idx, kv_idx, buffers=()):
+        if not self.failed and scores.numel() >= FUSED_SCORE_MOD_MIN_ELEMENTS:
+            try:
+                return self.compiled(score_mod, scores, b, h, q_idx, kv_idx, tuple(buffers))
+            except Exception as error:  # any compile failure: the exact vmap path serves
+                self.failed = True
+                log.debug("inductor_flex: fused score_mod not compiled, vmap serves: %s", error)
+        return score_mod_grid(score_mod, scores, b, h, q_idx, kv_idx, buffers)
+
+
+_fused_score_mods: dict[str, FusedScoreMod] = {}
+
+
+def fused_score_mod(source: str) -> Optional[FusedScoreMod]:
+    """The ``FusedScoreMod`` of a score_mod source (one per text); None for the identity
+    (empty source), which needs no kernel."""
+    if not source:
+        return None
+    fused = _fused_score_mods.get(source)
+    if fused is None:
+        fused = _fused_score_mods[source] = FusedScoreMod()
+    return fused
 
 
 def merged_buffers(tensors: Sequence[Tensor], scalars: Sequence[int],
@@ -236,9 +286,11 @@ def dense_forward(query: Tensor, key: Tensor, value: Tensor, kv_num_blocks: Tens
     score_mod = bound_mod(score_mod_source, score_mod_constants)
     score_mod_buffers = merged_buffers(score_mod_tensors, score_mod_scalars, score_mod_is_tensor)
     mask_mod_buffers = merged_buffers(mask_mod_tensors, mask_mod_scalars, mask_mod_is_tensor)
+    on_tile = fused_score_mod(score_mod_source) if query.device.type == "cpu" else None
     with as_leaf_kernel():
         out, lse, max_scores = dense_attention(query, key, value, score_mod, block_mask, scale,
-                                               score_mod_buffers, mask_mod_buffers)
+                                               score_mod_buffers, mask_mod_buffers,
+                                               score_mod_on_tile=on_tile)
     return match_layout(out, query), lse.contiguous(), max_scores.contiguous()
 
 
@@ -328,13 +380,17 @@ def _subgraph_module(mod) -> torch.fx.GraphModule:
     return graph_module
 
 
-def _mod_args(mod, buffers: Sequence) -> tuple:
+def _mod_args(mod, buffers: Sequence, identity: bool = False) -> tuple:
     """``(source, tensors, scalars, is_tensor, constants)`` arguments of the custom ops for
-    one mod and its buffers; the constants its graph reads become Inductor graph constants."""
+    one mod and its buffers; the constants its graph reads become Inductor graph constants.
+    ``identity``: the mod is the identity score_mod, sent as an empty source."""
     from torch._inductor import ir
     from torch._inductor.virtualized import V
 
-    source, constants = mod_to_source(_subgraph_module(mod))
+    if identity:
+        source, constants = "", []
+    else:
+        source, constants = mod_to_source(_subgraph_module(mod))
     boxes = [V.graph.add_tensor_constant(t, "inductor_flex_mod_constant") for t in constants]
     is_tensor = [isinstance(b, ir.IRNode) for b in buffers]
     tensors = [b for b, flag in zip(buffers, is_tensor) if flag]
@@ -361,7 +417,7 @@ def lower_forward_extern(query, key, value, score_mod, block_mask, scale, kernel
     mask_args, mask_mod = _block_mask_args(block_mask)
     out, lse, max_scores = _fallback(torch.ops.inductor_flex.dense_forward.default)(
         query, key, value, *mask_args, *scale_args(scale),
-        *_mod_args(score_mod, score_mod_other_buffers),
+        *_mod_args(score_mod, score_mod_other_buffers, is_identity_score_mod(score_mod)),
         *_mod_args(mask_mod, mask_mod_other_buffers))
     return out, lse, max_scores
 
@@ -372,11 +428,13 @@ def lower_backward_extern(query, key, value, out, logsumexp, grad_out, grad_logs
     """Lower ``inductor_flex_attention_backward`` to ``inductor_flex::dense_backward``."""
     mask_args, mask_mod = _block_mask_args(block_mask)
     needs_grad = _joint_buffers_with_grads(joint_graph, len(score_mod_other_buffers))
+    identity = is_identity_score_mod(fw_graph)
+    # The identity's score gradient is the incoming gradient: no gradient source either.
     gradient_source, _, _, _, gradient_constants = _mod_args(
-        score_gradient_graph(_subgraph_module(joint_graph)), ())
+        score_gradient_graph(_subgraph_module(joint_graph)), (), identity)
     grad_query, grad_key, grad_value, kept = _fallback(torch.ops.inductor_flex.dense_backward.default)(
         query, key, value, out, logsumexp, grad_out, grad_logsumexp, *mask_args,
-        *scale_args(scale), *_mod_args(fw_graph, score_mod_other_buffers),
+        *scale_args(scale), *_mod_args(fw_graph, score_mod_other_buffers, identity),
         gradient_source, gradient_constants,
         *_mod_args(mask_mod, mask_mod_other_buffers), needs_grad)
     kept = iter(kept)

@@ -24,7 +24,7 @@ from torch._ops import HigherOrderOperator
 from torch.fx.experimental.proxy_tensor import ProxyTorchDispatchMode, track_tensor_tree
 
 from inductor_flex._indexing import index_with_tensors
-from inductor_flex._mods import batchable
+from inductor_flex._mods import batchable, identity_score_mod
 
 from .._block_lists import OperatorBlockMask
 from .._compat import redirect_to_checkpoint_modes
@@ -188,7 +188,7 @@ def _backward_dense(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
     from .dense import dense_attention_backward
 
     score_mod = fw_graph
-    if isinstance(joint_graph, torch.fx.GraphModule):
+    if isinstance(joint_graph, torch.fx.GraphModule) and fw_graph is not identity_score_mod:
         score_mod = with_score_gradient(fw_graph, score_gradient_graph(joint_graph))
     # The joint graph also says which buffers get a gradient, so this path and the fake
     # one agree.

@@ -15,9 +15,13 @@ hand to a half-precision matmul are rounded to the input dtype first, as
 tensor-core attention kernel does, so a compiled kernel and this eager path carry errors of
 the same size. lse and max_scores never see the rounding.
 
-Query rows are processed in chunks, so the extra memory is O(chunk x KV_LEN), never the
-whole score matrix. A row that keeps nothing gets out 0, lse -inf, max_scores -inf, and
-zero gradients.
+Query rows are processed in chunks (a query block at a time, see ``sparse_chunk_rows``),
+so the extra memory is O(chunk x KV_LEN), never the whole score matrix. Each chunk reads
+only the KV blocks its block-mask rows list (``_Tile``): key/value are sliced (or gathered)
+to those columns, the two products are batched matmuls over those columns alone, the mods
+run once on that score tile, and mask_mod runs only on the columns of partial blocks. So
+empty blocks cost nothing and no mod is ever evaluated on them. A row that keeps nothing
+gets out 0, lse -inf, max_scores -inf, and zero gradients.
 
 Layout trick: the query heads that share a KV head (GQA), and the batch when key/value have
 batch 1, are stacked along the row dimension, so one batched matmul per KV head serves them
@@ -33,7 +37,8 @@ import torch
 from torch import Tensor
 
 from .._block_lists import OperatorBlockMask, listed_to_dense
-from .._mods import mask_mod_grid, score_mod_at, score_mod_grid
+from .._mods import identity_score_mod, mask_mod_grid, score_mod_at, score_mod_grid
+from .._compat import cpu_has_bfloat16_matmul_units
 from ._shared import empty_in_layout_of  # the fake registrations use it too: strides agree
 
 # Chunks are sized so one chunk's fp32 score tile holds about this many elements (64 MiB);
@@ -58,6 +63,13 @@ def _round_in_place(tile: Tensor, dtype: Optional[torch.dtype]) -> Tensor:
     return tile
 
 
+def _native_bfloat16_matmul(query: Tensor) -> bool:
+    # CPU only: cuBLAS may reduce bfloat16 products in reduced precision, and the CUDA eager
+    # path is the yardstick of the fused kernels' error.
+    return (query.dtype == torch.bfloat16 and query.device.type == "cpu"
+            and cpu_has_bfloat16_matmul_units())
+
+
 def default_chunk_rows(batch: int, q_heads: int, q_len: int, kv_len: int, q_block_size: int,
                        budget: int = DEFAULT_SCORE_ELEMENTS_PER_CHUNK) -> int:
     """Query rows per chunk so that ``rows x batch x q_heads x kv_len`` stays within ``budget``.
@@ -70,6 +82,66 @@ def default_chunk_rows(batch: int, q_heads: int, q_len: int, kv_len: int, q_bloc
     if rows >= q_block_size:
         rows -= rows % q_block_size
     return max(1, min(rows, q_len))
+
+
+def sparse_chunk_rows(q_block_size: int, budget_rows: int) -> int:
+    """Query rows per chunk: one query block, or fewer rows where ``budget_rows``
+    (``default_chunk_rows``) says so. A chunk within one query block reads exactly the KV
+    blocks that block lists, so no mod runs on a block the mask leaves out."""
+    return max(1, min(budget_rows, q_block_size))
+
+
+class _Tile:
+    """The KV columns one chunk of query rows attends to, from the block mask.
+
+    ``kv_idx``: the kv positions of the listed blocks (those any batch/head lists for any
+    row of the chunk), in increasing order; ``kv_slice``: the same as a slice when they are
+    contiguous (key/value are then read as views, not gathered). ``masked_columns``: the
+    tile's columns (a slice or an index tensor) in blocks that are not full for every
+    batch, head and row, and ``keep``: bool ``[B, Hq, rows, len(masked_columns)]`` (maybe
+    broadcast) of which scores there are kept; both None when every column is full (nothing
+    to mask). mask_mod ran only on columns of partial blocks; unlisted blocks were never
+    looked at.
+    """
+
+    def __init__(self, kv_idx: Tensor, kv_slice: Optional[slice], masked_columns=None,
+                 keep: Optional[Tensor] = None):
+        self.kv_idx = kv_idx
+        self.kv_slice = kv_slice
+        self.masked_columns = masked_columns
+        self.keep = keep
+
+    def gather(self, tensor: Tensor) -> Tensor:
+        """``tensor [B, H, N, X]`` at the tile's kv positions."""
+        if self.kv_slice is not None:
+            return tensor[:, :, self.kv_slice]
+        return tensor.index_select(2, self.kv_idx)
+
+    def scatter_add(self, acc: Tensor, values: Tensor) -> None:
+        """``acc [B, H, N, X]`` += ``values`` at the tile's kv positions."""
+        if self.kv_slice is not None:
+            acc[:, :, self.kv_slice] += values
+        else:
+            acc.index_add_(2, self.kv_idx, values)
+
+    def drop_masked(self, grid: Tensor, fill: float) -> None:
+        """Set the dropped scores of ``grid [B, Hq, rows, columns]`` to ``fill``, in place."""
+        if self.keep is not None:
+            part = grid[..., self.masked_columns]
+            grid[..., self.masked_columns] = torch.where(self.keep, part, fill)
+
+    def keep_everywhere(self, shape) -> Tensor:
+        """bool ``shape`` (the whole tile) of the kept scores."""
+        keep = torch.ones(shape, dtype=torch.bool, device=self.kv_idx.device)
+        if self.keep is not None:
+            keep[..., self.masked_columns] = self.keep.expand(keep[..., self.masked_columns].shape)
+        return keep
+
+
+def _as_slice(positions: Tensor):
+    """``positions`` (increasing, 1-D) as a slice when they are one run, else as they are."""
+    first, last = int(positions[0]), int(positions[-1])
+    return slice(first, last + 1) if last - first + 1 == positions.numel() else positions
 
 
 class _RowStacking:
@@ -108,7 +180,8 @@ class _Problem:
 
     def __init__(self, query: Tensor, key: Tensor, value: Tensor, score_mod: Callable,
                  block_mask: tuple, scale: float, score_mod_buffers: Sequence[Tensor],
-                 mask_mod_buffers: Sequence[Tensor], chunk_size: Optional[int], budget: int):
+                 mask_mod_buffers: Sequence[Tensor], chunk_size: Optional[int], budget: int,
+                 score_mod_on_tile: Optional[Callable] = None):
         batch, q_heads, q_len, _ = query.shape
         kv_batch, kv_heads, kv_len, _ = key.shape
         self.device = query.device
@@ -118,87 +191,149 @@ class _Problem:
         # Converted once, not per chunk; a no-op for float32 inputs.
         self.key = key.to(self.dtype)
         self.value = value.to(self.dtype)
+        # bfloat16 P @ V as a bfloat16 matmul where the CPU has the units: it accumulates in
+        # float32 and rounds once, as the float32 product of the rounded P then rounded
+        # does, in a third of the time (docs/kernels.md, CPU section).
+        self.bfloat16_value = value if _native_bfloat16_matmul(query) else None
         self.scale = float(scale)
         self.score_mod = score_mod
         self.score_mod_buffers = tuple(score_mod_buffers)
+        # No score_mod: no vmap, no vjp, the raw scores are the scores.
+        self.identity_score = score_mod is identity_score_mod
+        # Called as score_mod_grid is, in its place (the compiled path's fused kernel).
+        self.score_mod_on_tile = score_mod_grid if score_mod_on_tile is None else score_mod_on_tile
         self.mask_mod_buffers = tuple(mask_mod_buffers)
         mask = OperatorBlockMask(*block_mask)
-        self.kv_num_blocks, self.kv_indices = mask.kv_num_blocks, mask.kv_indices
-        self.full_kv_num_blocks, self.full_kv_indices = mask.full_kv_num_blocks, mask.full_kv_indices
         self.q_block_size, self.kv_block_size = mask.q_block_size, mask.kv_block_size
         self.mask_mod = mask.mask_mod
         self.q_len, self.kv_len = q_len, kv_len
         self.batch_idx = torch.arange(batch, device=self.device)
         self.head_idx = torch.arange(q_heads, device=self.device)
-        self.kv_idx = torch.arange(kv_len, device=self.device)
-        # KV block of every kv position, and the number of KV blocks.
-        self.kv_block_of = self.kv_idx // self.kv_block_size
         self.num_kv_blocks = -(-kv_len // self.kv_block_size)
+        # bool [Bm, Hm, nQB, nKB] of partial and full blocks. Which blocks any batch or
+        # head lists decides each chunk's columns, on the host (one transfer per call).
+        self.partial = listed_to_dense(mask.kv_num_blocks, mask.kv_indices, self.num_kv_blocks)
+        self.full = None
+        if mask.full_kv_num_blocks is not None:
+            self.full = listed_to_dense(mask.full_kv_num_blocks, mask.full_kv_indices,
+                                        self.num_kv_blocks)
+        listed = self.partial if self.full is None else self.partial | self.full
+        self.listed_any = listed.flatten(0, 1).any(0).cpu()
         if chunk_size is None:
-            chunk_size = default_chunk_rows(batch, q_heads, q_len, kv_len, self.q_block_size, budget)
+            chunk_size = sparse_chunk_rows(self.q_block_size, default_chunk_rows(
+                batch, q_heads, q_len, kv_len, self.q_block_size, budget))
         self.chunk_size = max(1, int(chunk_size))
 
     def chunks(self):
         for start in range(0, self.q_len, self.chunk_size):
             yield start, min(start + self.chunk_size, self.q_len)
 
-    def _block_marks(self, num_blocks: Tensor, indices: Tensor, first_qb: int, end_qb: int) -> Tensor:
-        """bool ``[Bm, Hm, end_qb - first_qb, num_kv_blocks]``: which KV blocks each query block lists."""
-        return listed_to_dense(num_blocks[..., first_qb:end_qb], indices[..., first_qb:end_qb, :],
-                               self.num_kv_blocks)
-
-    def keep_mask(self, start: int, stop: int, q_idx: Tensor) -> Tensor:
-        """bool ``[B, Hq, stop - start, N]`` (maybe broadcast): which scores of the chunk are kept."""
+    def tile(self, start: int, stop: int, q_idx: Tensor) -> Optional[_Tile]:
+        """The chunk's ``_Tile``, or None when its rows list no block at all."""
         first_qb = start // self.q_block_size
         end_qb = (stop - 1) // self.q_block_size + 1
-        q_block_of = q_idx // self.q_block_size - first_qb
+        blocks = self.listed_any[first_qb:end_qb].any(0).nonzero().flatten()
+        if blocks.numel() == 0:
+            return None
+        size = self.kv_block_size
+        first, last = int(blocks[0]), int(blocks[-1])
+        if last - first + 1 == blocks.numel():
+            kv_slice = slice(first * size, min((last + 1) * size, self.kv_len))
+            kv_idx = torch.arange(kv_slice.start, kv_slice.stop, device=self.device)
+        else:
+            kv_slice = None
+            kv_idx = (blocks[:, None] * size + torch.arange(size)).flatten()
+            kv_idx = kv_idx[kv_idx < self.kv_len].to(self.device)
+        block_ids = blocks.to(self.device)
 
-        def expand(marks: Tensor) -> Tensor:
-            return marks.index_select(-2, q_block_of).index_select(-1, self.kv_block_of)
+        def marks(dense: Tensor) -> Tensor:
+            return dense[..., first_qb:end_qb, :].index_select(-1, block_ids)
 
-        partial = expand(self._block_marks(self.kv_num_blocks, self.kv_indices, first_qb, end_qb))
-        allowed = mask_mod_grid(self.mask_mod, self.batch_idx, self.head_idx, q_idx, self.kv_idx,
-                                self.mask_mod_buffers)
-        keep = partial & allowed
-        if self.full_kv_num_blocks is not None:
-            keep |= expand(self._block_marks(self.full_kv_num_blocks, self.full_kv_indices,
-                                             first_qb, end_qb))
-        return keep
+        # Columns of a block that is full for every batch, head and row need no mask.
+        partial_marks = marks(self.partial)
+        if self.full is None:
+            full_marks = None
+            masked_blocks = torch.ones(block_ids.shape, dtype=torch.bool, device=self.device)
+        else:
+            full_marks = marks(self.full)
+            masked_blocks = ~full_marks.flatten(0, 2).all(0)
+        column_block = torch.searchsorted(block_ids, kv_idx // size)
+        masked = masked_blocks[column_block].nonzero().flatten()
+        if masked.numel() == 0:
+            return _Tile(kv_idx, kv_slice)
+        masked_columns = _as_slice(masked)
+        masked_block = column_block[masked_columns]
+        row_block = q_idx // self.q_block_size - first_qb
 
-    def raw_scores(self, q_chunk: Tensor) -> Tuple[Tensor, Tensor]:
-        """``scale * Q K^T`` for a query chunk, as (stacked query rows, stacked scores)."""
-        q_rows = self.stacking.to_rows(q_chunk).to(self.dtype)
-        scores = torch.matmul(q_rows, self.key.transpose(-1, -2))
-        scores.mul_(self.scale)
-        return q_rows, scores
+        def expand(block_marks: Tensor) -> Tensor:
+            return block_marks.index_select(-2, row_block).index_select(-1, masked_block)
 
-    def modify(self, raw_grid: Tensor, q_idx: Tensor, score_mod_buffers: Sequence[Tensor]) -> Tensor:
-        modified = score_mod_grid(self.score_mod, raw_grid, self.batch_idx, self.head_idx, q_idx,
-                                  self.kv_idx, score_mod_buffers)
+        keep = torch.zeros((self.batch_idx.numel(), self.head_idx.numel(), stop - start,
+                            masked_block.numel()), dtype=torch.bool, device=self.device)
+        if full_marks is not None:
+            keep |= expand(full_marks)
+        # mask_mod runs only where a query block lists a KV block as partial: one query
+        # block at a time (a chunk is one, unless chunk_size says otherwise).
+        masked_kv_idx = kv_idx[masked_columns]
+        for local_qb in range(end_qb - first_qb):
+            block_start = (first_qb + local_qb) * self.q_block_size
+            rows = slice(max(start, block_start) - start,
+                         min(stop, block_start + self.q_block_size) - start)
+            columns = partial_marks[..., local_qb, :].flatten(0, -2).any(0)[masked_block]
+            columns = columns.nonzero().flatten()
+            if columns.numel() == 0:
+                continue
+            columns = _as_slice(columns)
+            allowed = mask_mod_grid(self.mask_mod, self.batch_idx, self.head_idx, q_idx[rows],
+                                    masked_kv_idx[columns], self.mask_mod_buffers)
+            in_partial = expand(partial_marks)[..., rows, columns]
+            keep[..., rows, columns] |= in_partial & allowed
+        return _Tile(kv_idx, kv_slice, masked_columns, keep)
+
+    def raw_scores(self, q_chunk: Tensor, key: Tensor) -> Tuple[Tensor, Tensor]:
+        """``scale * Q K^T`` of a query chunk and the tile's keys, as (stacked ``scale * Q``
+        rows, stacked scores). The scale goes on the query rows, not on the larger tile."""
+        scaled_q_rows = self.stacking.to_rows(q_chunk).to(self.dtype) * self.scale
+        return scaled_q_rows, torch.matmul(scaled_q_rows, key.transpose(-1, -2))
+
+    def modify(self, raw_grid: Tensor, q_idx: Tensor, kv_idx: Tensor,
+               score_mod_buffers: Sequence[Tensor]) -> Tensor:
+        if self.identity_score:
+            return raw_grid
+        modified = self.score_mod_on_tile(self.score_mod, raw_grid, self.batch_idx, self.head_idx, q_idx,
+                                  kv_idx, score_mod_buffers)
         # A mod mixing in a float64 tensor (or an int result) would promote; scores stay in
         # the working dtype.
         return modified.to(self.dtype)
 
-    def softmax_parts(self, modified_grid: Tensor, keep: Tensor, chunk: int):
-        """Masked softmax pieces in stacked-rows layout.
+    def softmax_parts(self, modified_grid: Tensor, tile: _Tile, chunk: int, owned: bool):
+        """Masked softmax pieces in stacked-rows layout. ``owned``: ``modified_grid`` is the
+        caller's to overwrite (saves a copy when it is already in stacked order).
 
-        Returns ``(unnormalized, denominator, row_max, lse)``: ``exp(kept - row_max)`` (0 where
-        dropped), its row sum, the row max of kept scores and the natural-log lse; the last
-        three keep a trailing dim of 1. Rows that keep nothing have row_max = lse = -inf,
-        denominator 0 and all-zero unnormalized weights.
+        Returns ``(probs, row_max, lse)``: the softmax of the kept scores (0 where dropped),
+        the row max of kept scores and the natural-log lse, the last two with a trailing dim
+        of 1. Rows that keep nothing have all-zero probs and row_max = lse = -inf.
         """
-        stacked_shape = self.stacking.to_rows(modified_grid[..., :1]).shape[:-1] + (self.kv_len,)
-        masked = torch.empty(stacked_shape, dtype=self.dtype, device=self.device)
-        neg_inf = torch.full((), -math.inf, dtype=self.dtype, device=self.device)
-        # Written through the grid view, so the result lands in stacked order without a copy.
-        torch.where(keep, modified_grid, neg_inf, out=self.stacking.to_grid(masked, chunk))
-        row_max = masked.amax(dim=-1, keepdim=True)
-        # Shift by 0 on empty rows so exp(-inf - -inf) never happens.
-        shift = torch.where(row_max == -math.inf, torch.zeros_like(row_max), row_max)
-        unnormalized = masked.sub_(shift).exp_()
-        denominator = unnormalized.sum(dim=-1, keepdim=True)
-        lse = denominator.log().add_(shift)  # log(0) = -inf on empty rows
-        return unnormalized, denominator, row_max, lse
+        columns = modified_grid.shape[-1]
+        stacked_shape = self.stacking.to_rows(modified_grid[..., :1]).shape[:-1] + (columns,)
+        if owned and not self.stacking.fold_batch and modified_grid.is_contiguous():
+            probs = modified_grid.view(stacked_shape)  # the grid is stacked order already
+        else:
+            probs = torch.empty(stacked_shape, dtype=self.dtype, device=self.device)
+            # Written through the grid view, so it lands in stacked order without a copy.
+            self.stacking.to_grid(probs, chunk).copy_(modified_grid)
+        tile.drop_masked(self.stacking.to_grid(probs, chunk), -math.inf)
+        row_max = probs.amax(dim=-1, keepdim=True)
+        # One fused pass (max, exp, sum, scale per row), in place; the row sum it does not
+        # return is 1 / (the largest probability, that of the row max), which gives lse.
+        torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+        lse = row_max - probs.amax(dim=-1, keepdim=True).log()
+        empty = row_max == -math.inf
+        if bool(empty.any()):
+            # softmax of a row of -inf is NaN: such rows keep nothing.
+            probs.masked_fill_(empty, 0.0)
+            lse.masked_fill_(empty, -math.inf)
+        return probs, row_max, lse
 
     def rows_to_stat(self, stacked: Tensor, chunk: int) -> Tensor:
         """``[Bx, Hkv, R, 1]`` -> ``[B, Hq, chunk]``."""
@@ -217,13 +352,14 @@ def _with_wanted(buffers: Sequence[Tensor], grad_positions: Sequence[int],
 def _buffer_grads_at_kept_positions(problem: "_Problem", buffers: Sequence[Tensor],
                                     grad_positions: Sequence[int], raw_grid: Tensor,
                                     grad_scores_grid: Tensor, keep: Tensor,
-                                    wanted_buffers: Sequence[Tensor], q_idx: Tensor) -> list:
+                                    wanted_buffers: Sequence[Tensor], q_idx: Tensor,
+                                    kv_idx: Tensor) -> list:
     """Captured-buffer gradients from the kept positions alone: the score_mod runs only
     where the mask keeps a score, so values it takes where the mask drops one (a log of a
     negative distance, say) cannot reach the sums. Taken only when the grid-wide vjp gave a
     non-finite buffer gradient: it costs index lists of the kept positions."""
     b, h, q, kv = keep.nonzero(as_tuple=True)
-    indices = (problem.batch_idx[b], problem.head_idx[h], q_idx[q], problem.kv_idx[kv])
+    indices = (problem.batch_idx[b], problem.head_idx[h], q_idx[q], kv_idx[kv])
 
     def modify_kept(scores, *wanted):
         merged = _with_wanted(buffers, grad_positions, wanted)
@@ -234,21 +370,20 @@ def _buffer_grads_at_kept_positions(problem: "_Problem", buffers: Sequence[Tenso
     return grads
 
 
-def _nonzero_denominator(denominator: Tensor) -> Tensor:
-    return torch.where(denominator == 0, torch.ones_like(denominator), denominator)
-
-
 @torch.no_grad()
 def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callable,
                     block_mask: tuple, scale: float,
                     score_mod_other_buffers: Sequence[Tensor] = (),
                     mask_mod_other_buffers: Sequence[Tensor] = (), *,
-                    chunk_size: Optional[int] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    chunk_size: Optional[int] = None,
+                    score_mod_on_tile: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Exact forward of the attention operator.
 
     Arguments follow the operator (docs/internals.md), without kernel_options: ``block_mask``
     is the block mask tuple. ``chunk_size`` overrides the number of query rows processed at
     once (default: see ``default_chunk_rows``); the result does not depend on it.
+    ``score_mod_on_tile``, if given, replaces ``_mods.score_mod_grid`` (same arguments) for
+    the score tiles: the compiled path passes a fused kernel (``lowering/extern.py``).
 
     Returns ``out [B, Hq, M, Ev]`` in the query's dtype and memory order, and ``lse`` and
     ``max_scores`` ``[B, Hq, M]`` in float32 (also for float64 inputs, per the contract).
@@ -266,23 +401,31 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callab
         return out, lse, max_scores
 
     problem = _Problem(query, key, value, score_mod, block_mask, scale, score_mod_other_buffers,
-                       mask_mod_other_buffers, chunk_size, DEFAULT_SCORE_ELEMENTS_PER_CHUNK)
+                       mask_mod_other_buffers, chunk_size, DEFAULT_SCORE_ELEMENTS_PER_CHUNK,
+                       score_mod_on_tile)
     stacking = problem.stacking
     for start, stop in problem.chunks():
         chunk = stop - start
         q_idx = torch.arange(start, stop, device=query.device)
-        _, raw = problem.raw_scores(query[:, :, start:stop])
-        modified = problem.modify(stacking.to_grid(raw, chunk), q_idx, problem.score_mod_buffers)
-        keep = problem.keep_mask(start, stop, q_idx)
-        unnormalized, denominator, row_max, chunk_lse = problem.softmax_parts(modified, keep, chunk)
-        del raw, modified, keep
-        if problem.operand_dtype is None:
-            chunk_out = torch.matmul(unnormalized, problem.value).div_(_nonzero_denominator(denominator))
+        tile = problem.tile(start, stop, q_idx)
+        if tile is None:
+            out[:, :, start:stop] = 0
+            lse[:, :, start:stop] = -math.inf
+            max_scores[:, :, start:stop] = -math.inf
+            continue
+        _, raw = problem.raw_scores(query[:, :, start:stop], tile.gather(problem.key))
+        modified = problem.modify(stacking.to_grid(raw, chunk), q_idx, tile.kv_idx,
+                                  problem.score_mod_buffers)
+        probs, row_max, chunk_lse = problem.softmax_parts(
+            modified, tile, chunk, owned=True)
+        del raw, modified
+        # In float16/bfloat16 the normalised probabilities are rounded before the product,
+        # as the eager recipe does.
+        if problem.bfloat16_value is not None:
+            chunk_out = torch.matmul(probs.to(torch.bfloat16), tile.gather(problem.bfloat16_value))
         else:
-            # The normalised probabilities are what gets rounded (the eager recipe), so
-            # normalise before the product.
-            probs = unnormalized.div_(_nonzero_denominator(denominator))
-            chunk_out = torch.matmul(_round_in_place(probs, problem.operand_dtype), problem.value)
+            chunk_out = torch.matmul(_round_in_place(probs, problem.operand_dtype),
+                                     tile.gather(problem.value))
         out[:, :, start:stop] = stacking.to_grid(chunk_out, chunk)
         lse[:, :, start:stop] = problem.rows_to_stat(chunk_lse, chunk)
         max_scores[:, :, start:stop] = problem.rows_to_stat(row_max, chunk)
@@ -314,8 +457,8 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
     that precision up to the float16/bfloat16 rounding of P (before ``P^T @ dO``) and of the
     raw-score gradient dS (before ``dS @ K`` and ``dS^T @ Q``) that the module docstring
     describes; the softmax gradient itself uses the unrounded P, and its row term
-    rowsum(dO * out) reads ``out`` (the forward's result, in the input dtype) for float16 /
-    bfloat16 inputs and recomputes it otherwise. ``logsumexp`` is accepted to match the
+    rowsum(dO * out) reads ``out`` (the forward's result, in the input dtype; in float32 and
+    float64 it is exactly P @ V). ``logsumexp`` is accepted to match the
     operator's signature. The softmax and matmul gradients are
     written out; the score_mod's own gradient (with respect to its score and its buffers)
     comes from ``torch.func.vjp``, which works whatever the surrounding grad mode or
@@ -346,29 +489,32 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
         for start, stop in problem.chunks():
             chunk = stop - start
             q_idx = torch.arange(start, stop, device=query.device)
-            q_rows, raw = problem.raw_scores(query[:, :, start:stop])
+            tile = problem.tile(start, stop, q_idx)
+            if tile is None:
+                continue  # nothing kept: zero gradients, as initialised
+            key_tile, value_tile = tile.gather(problem.key), tile.gather(problem.value)
+            scaled_q_rows, raw = problem.raw_scores(query[:, :, start:stop], key_tile)
 
             def modify(raw_grid, *wanted_buffers):
-                return problem.modify(raw_grid, q_idx, _with_wanted(buffers, grad_positions, wanted_buffers))
+                return problem.modify(raw_grid, q_idx, tile.kv_idx,
+                                      _with_wanted(buffers, grad_positions, wanted_buffers))
 
             raw_grid = stacking.to_grid(raw, chunk)
             wanted_buffers = [buffers[i].detach() for i in grad_positions]
-            modified, modify_vjp = torch.func.vjp(modify, raw_grid, *wanted_buffers)
-            keep = problem.keep_mask(start, stop, q_idx)
-            probs, denominator, _, _ = problem.softmax_parts(modified, keep, chunk)
+            if problem.identity_score and not wanted_buffers:
+                modified, modify_vjp = raw_grid, lambda grad: (grad,)
+            else:
+                modified, modify_vjp = torch.func.vjp(modify, raw_grid, *wanted_buffers)
+            probs, _, _ = problem.softmax_parts(modified, tile, chunk, owned=False)
             del modified
-            probs.div_(_nonzero_denominator(denominator))
 
             grad_out_rows = stacking.to_rows(grad_out[:, :, start:stop]).to(work)
             # d loss / d probs, then through the softmax: p * (dP - rowsum(p * dP) + dlse).
-            grad_scores = torch.matmul(grad_out_rows, problem.value.transpose(-1, -2))
-            # rowsum(p * dP) = rowsum(dO * (p @ V)): a [rows, Ev] product instead of [rows, N].
-            # In float16/bfloat16 p @ V is the output the forward returned, rounded to that
-            # dtype, as a fused kernel (which keeps only that output) must read it too.
-            if problem.operand_dtype is None:
-                out_rows = torch.matmul(probs, problem.value)
-            else:
-                out_rows = stacking.to_rows(out[:, :, start:stop]).to(work)
+            grad_scores = torch.matmul(grad_out_rows, value_tile.transpose(-1, -2))
+            # rowsum(p * dP) = rowsum(dO * (p @ V)) = rowsum(dO * out): the forward's output
+            # (in float16/bfloat16 rounded to that dtype, as a fused kernel, which keeps only
+            # that output, must read it too), not a [rows, N] product.
+            out_rows = stacking.to_rows(out[:, :, start:stop]).to(work)
             row_dot = (grad_out_rows * out_rows).sum(-1, keepdim=True)
             del out_rows
             if grad_logsumexp is not None:
@@ -378,23 +524,27 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
             # Stacked rows already hold the GQA group (and a folded batch): one matmul sums them.
             # probs is not needed unrounded any more.
             _round_in_place(probs, problem.operand_dtype)
-            grad_value_acc += torch.matmul(probs.transpose(-1, -2), grad_out_rows)
+            tile.scatter_add(grad_value_acc, torch.matmul(probs.transpose(-1, -2), grad_out_rows))
             del probs
 
             grad_scores_grid = stacking.to_grid(grad_scores, chunk)
             grad_modified_input, *grad_wanted_buffers = modify_vjp(grad_scores_grid)
             # A dropped score contributes nothing, even where the score_mod (or its
             # derivative) is not finite there: 0 * NaN would otherwise leak into the sums.
-            keep = keep.expand(grad_modified_input.shape)
-            grad_modified_input = torch.where(keep, grad_modified_input, 0.0)
+            if tile.keep is not None:
+                # The vjp's result may be a broadcast view: mask a copy.
+                grad_modified_input = grad_modified_input.contiguous()
+                tile.drop_masked(grad_modified_input, 0.0)
             if not all(bool(torch.isfinite(g).all()) for g in grad_wanted_buffers):
                 grad_wanted_buffers = _buffer_grads_at_kept_positions(
-                    problem, buffers, grad_positions, raw_grid, grad_scores_grid, keep,
-                    wanted_buffers, q_idx)
-            del grad_scores, grad_scores_grid, raw, raw_grid, keep
+                    problem, buffers, grad_positions, raw_grid, grad_scores_grid,
+                    tile.keep_everywhere(grad_modified_input.shape), wanted_buffers, q_idx,
+                    tile.kv_idx)
+            del grad_scores, grad_scores_grid, raw, raw_grid
             for acc, grad in zip(grad_buffer_acc, grad_wanted_buffers):
                 acc += grad
-            # scores = scale * q_rows @ key^T; the scale goes on the small products.
+            # scores = (scale * q_rows) @ key^T: dQ takes the scale on its small product,
+            # dK has it in the scaled rows.
             grad_raw = stacking.to_rows(grad_modified_input)
             if problem.operand_dtype is not None:
                 # The vjp's result may be a view or broadcast: round through a half-size copy,
@@ -403,8 +553,8 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
                 del grad_modified_input
                 grad_raw = grad_raw.to(work)
             grad_query[:, :, start:stop] = stacking.to_grid(
-                torch.matmul(grad_raw, problem.key).mul_(problem.scale), chunk).to(query.dtype)
-            grad_key_acc += torch.matmul(grad_raw.transpose(-1, -2), q_rows).mul_(problem.scale)
+                torch.matmul(grad_raw, key_tile).mul_(problem.scale), chunk).to(query.dtype)
+            tile.scatter_add(grad_key_acc, torch.matmul(grad_raw.transpose(-1, -2), scaled_q_rows))
 
     def in_layout_of(like: Tensor, accumulated: Tensor) -> Tensor:
         return empty_in_layout_of(like, like.shape).copy_(accumulated)
