@@ -33,6 +33,10 @@ setup(
         "pictures": ["matplotlib"],  # inductor_flex.visualize, the bench command's --plot
         # transformers and matplotlib so that CI runs their tests (skipped without them)
         "test": ["pytest", "expecttest", "hypothesis", "numpy", "matplotlib", "transformers>=5.17"],
+        # Triton for a CPU-only machine, so that the tests run our Triton kernels through its
+        # interpreter (tests/test_interpreter.py; 3.6, whose internals triton_interpreter.py
+        # patches). Not on a GPU machine: its torch brings the Triton it needs.
+        "interpreter": ["triton==3.6.0; platform_system == 'Linux' and platform_machine == 'x86_64'"],
     },
     entry_points={
         "torch_dynamo_backends": ["inductor_flex = inductor_flex.backend:inductor_flex_backend"],
