@@ -1,7 +1,7 @@
 """Run Inductor's Triton templates on CPU tensors through Triton's interpreter.
 
 Import this module first thing in a fresh process started with ``TRITON_INTERPRET=1``
-(``tests/test_decode_interpreter.py`` does). It makes Inductor generate Triton for CPU
+(``tests/test_interpreter.py`` does). It makes Inductor generate Triton for CPU
 tensors, lets the CUDA-only kernel candidates (forward and backward) lower for the CPU (as an sm_90 GPU with 4
 SMs, so the decode kernel splits its KV blocks), and fills three gaps of the interpreter
 (Triton 3.6): no active driver to hash, scalars loaded as one-element arrays where a
