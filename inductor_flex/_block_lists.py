@@ -32,8 +32,9 @@ def dense_to_listed(dense: Tensor) -> Tuple[Tensor, Tensor]:
     false_rank = num_blocks.unsqueeze(-1).to(true_rank.dtype) + (1 - marked).cumsum(-1) - 1
     slot = torch.where(dense, true_rank, false_rank)
     columns = torch.arange(dense.shape[-1], dtype=torch.int32, device=dense.device).expand(dense.shape)
-    indices = torch.empty(dense.shape, dtype=torch.int32, device=dense.device)
-    indices.scatter_(-1, slot, columns)
+    # Out of place: this also runs inside Inductor decompositions (varlen's paged lists),
+    # which must stay functional.
+    indices = torch.empty(dense.shape, dtype=torch.int32, device=dense.device).scatter(-1, slot, columns)
     return num_blocks, indices
 
 

@@ -14,7 +14,9 @@ from the offsets on the device (``masks/_cu_seq_blocks.py``, no host sync). With
 the call is the custom op ``torch.ops.inductor_flex.varlen_attn`` (backward:
 ``varlen_attn_backward``), so Dynamo, AOTAutograd and ``opcheck`` see exactly those
 two; Inductor decomposes each into our flex operator (``register_decompositions``) and
-lowers that to the fused templates. With mods the function calls ``flex_attention``
+lowers that to the fused templates. ``block_table`` (a paged KV cache, forward only) views
+the page pool as one key sequence with one KV block per page and maps the block lists of
+a virtual packing through the table (``_paged``). With mods the function calls ``flex_attention``
 directly: a custom op cannot take Python callables, and this way tensors the mods close
 over get gradients.
 """
@@ -26,10 +28,12 @@ import torch
 from torch import Tensor
 
 from ._mods import identity_score_mod
+from ._block_lists import dense_to_listed
 from .block_mask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from .masks._cu_seq_blocks import cu_seq_block_lists, cu_seq_layout
 from .ops import inductor_flex_attention, inductor_flex_attention_backward
 from .ops._shared import as_leaf_kernel
+from .paged_attention import page_to_logical, physical_to_logical_of_table
 
 __all__ = ["AuxRequest", "varlen_attn"]
 
@@ -53,21 +57,41 @@ def _at(table: Tensor, index: Tensor) -> Tensor:
     return torch.ops.aten.index.Tensor(table, [index])
 
 
+def _in_window(keep, kv_from_end, q_from_end, left: int, right: int):
+    """``keep`` narrowed to the window around the bottom-right diagonal; ``kv_from_end`` /
+    ``q_from_end`` are ``j - Lk`` / ``i - Lq`` in document-local positions."""
+    if left >= 0 or right >= 0:
+        offset = kv_from_end - q_from_end  # the key's offset from the diagonal
+        if left >= 0:
+            keep = keep & (offset >= -left)
+        if right >= 0:
+            keep = keep & (offset <= right)
+    return keep
+
+
 def _document_keep(q_idx, kv_idx, q_doc, kv_doc, q_end, kv_end, left: int, right: int,
                    bounded_kv: bool):
     """Same document, inside the window around the bottom-right diagonal, and (with
     ``bounded_kv``, i.e. seqused_k) a used key."""
     keep = _at(q_doc, q_idx) == _at(kv_doc, kv_idx)
-    if left >= 0 or right >= 0:
-        # Key offset from the diagonal: (j - Lk) - (i - Lq) in document-local positions.
-        offset = (kv_idx - _at(kv_end, kv_idx)) - (q_idx - _at(q_end, q_idx))
-        if left >= 0:
-            keep = keep & (offset >= -left)
-        if right >= 0:
-            keep = keep & (offset <= right)
-    if bounded_kv:
-        keep = keep & (kv_idx < _at(kv_end, kv_idx))
+    if left >= 0 or right >= 0 or bounded_kv:
+        kv_from_end = kv_idx - _at(kv_end, kv_idx)
+        keep = _in_window(keep, kv_from_end, q_idx - _at(q_end, q_idx), left, right)
+        if bounded_kv:
+            keep = keep & (kv_from_end < 0)
     return keep
+
+
+def _paged_keep(q_idx, kv_idx, q_doc, q_end, physical_to_logical, used_k, page_size: int,
+                left: int, right: int):
+    """(keep, logical kv_idx) of a cache position for a query: the page belongs to the
+    query's sequence, the logical position is a used key, and it lies inside the window."""
+    doc = _at(q_doc, q_idx)
+    owned, logical = page_to_logical(physical_to_logical, doc, kv_idx, page_size)
+    kv_from_end = logical - _at(used_k, doc)
+    keep = _in_window(owned & (kv_from_end < 0), kv_from_end, q_idx - _at(q_end, q_idx),
+                      left, right)
+    return keep, logical
 
 
 def _mask_mod_on_buffers(left: int, right: int, bounded_kv: bool) -> Callable:
@@ -77,6 +101,14 @@ def _mask_mod_on_buffers(left: int, right: int, bounded_kv: bool) -> Callable:
                               bounded_kv)
 
     return varlen_document_mask
+
+
+def _paged_mask_mod_on_buffers(left: int, right: int, page_size: int) -> Callable:
+    def varlen_paged_mask(b, h, q_idx, kv_idx, q_doc, q_end, physical_to_logical, used_k):
+        return _paged_keep(q_idx, kv_idx, q_doc, q_end, physical_to_logical, used_k,
+                           page_size, left, right)[0]
+
+    return varlen_paged_mask
 
 
 def _window(window_size) -> Tuple[int, int]:
@@ -101,8 +133,55 @@ class _Packed(NamedTuple):
     buffers: tuple
 
 
+def _first_visits(num_blocks: Tensor, pages: Tensor, n_pages: int) -> Tuple[Tensor, Tensor]:
+    """The listed ``pages`` of each row with repeats dropped (the first visit kept, order
+    kept): a page shared by two sequences whose queries share a block would otherwise be
+    walked, and counted, twice."""
+    width = pages.shape[-1]
+    slot = torch.arange(width, dtype=torch.int32, device=pages.device).expand(pages.shape)
+    target = torch.where(slot < num_blocks.unsqueeze(-1), pages.to(torch.int64), n_pages)
+    first = torch.full((*pages.shape[:-1], n_pages + 1), width, dtype=torch.int32,
+                       device=pages.device)
+    first = first.scatter_reduce(-1, target, slot, "amin")
+    kept_num_blocks, kept_slots = dense_to_listed((target < n_pages) & (first.gather(-1, target) == slot))
+    return kept_num_blocks, pages.gather(-1, kept_slots.to(torch.int64))
+
+
+def _paged(query, key, value, cu_seq_q, window_left, window_right, seqused_k,
+           block_table) -> _Packed:
+    """The operator view of a call on a paged cache ``key``/``value [n_pages, page_size,
+    H, D]`` (docs/guide.md, "Packed sequences"). Forward only: no ``q_*`` lists."""
+    q_len = query.shape[0]
+    n_pages, page_size = key.shape[0], key.shape[1]
+    docs, width = block_table.shape
+    span = width * page_size  # logical key slots a table row can address
+    q_layout = cu_seq_layout(cu_seq_q, q_len)
+    # The block lists of a virtual packing that gives each sequence ``span`` key slots, in
+    # logical order; virtual block ``d * width + j`` is page ``block_table[d, j]``.
+    virtual_cu_k = torch.arange(docs + 1, dtype=torch.int32, device=query.device) * span
+    kv_num, kv_virtual, full_num, full_virtual, *_ = cu_seq_block_lists(
+        cu_seq_q, virtual_cu_k, q_len, docs * span, (window_left, window_right), seqused_k,
+        (_BLOCK[0], page_size), q_layout=q_layout, transposed=False)
+    # Unlisted slots name table entries that may hold anything: keep them in range.
+    pages = block_table.flatten().clamp(0, n_pages - 1)
+    kv_num, kv_pages = _first_visits(kv_num, _at(pages, kv_virtual), n_pages)
+    pages_used = (seqused_k + page_size - 1) // page_size
+    physical_to_logical = physical_to_logical_of_table(block_table, pages_used, n_pages)
+    mask_mod = _paged_mask_mod_on_buffers(window_left, window_right, page_size)
+    block_mask = (q_len, n_pages * page_size, kv_num, kv_pages, full_num,
+                  _at(pages, full_virtual), None, None, None, None, _BLOCK[0], page_size,
+                  mask_mod)
+    views = [query.unsqueeze(0).transpose(1, 2)] + [
+        t.flatten(0, 1).unsqueeze(0).transpose(1, 2) for t in (key, value)]
+    return _Packed(*views, block_mask,
+                   (q_layout.doc, q_layout.end, physical_to_logical, seqused_k))
+
+
 def _packed(query, key, value, cu_seq_q, cu_seq_k, window_left, window_right,
-            seqused_k=None) -> _Packed:
+            seqused_k=None, block_table=None) -> _Packed:
+    if block_table is not None:
+        return _paged(query, key, value, cu_seq_q, window_left, window_right, seqused_k,
+                      block_table)
     q_len, kv_len = query.shape[0], key.shape[0]
     q_layout = cu_seq_layout(cu_seq_q, q_len)
     kv_layout = cu_seq_layout(cu_seq_k, kv_len, seqused_k)
@@ -120,10 +199,11 @@ def _unpack(out: Tensor) -> Tensor:
 
 
 def _forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_left,
-             window_right, seqused_k=None) -> Tuple[Tensor, Tensor]:
+             window_right, seqused_k=None, block_table=None) -> Tuple[Tensor, Tensor]:
     """(out ``[Tq, Hq, Dv]``, lse ``[Hq, Tq]``) through the flex operator: the forward op's
     implementation (eager) and its decomposition (Inductor). Takes the op's arguments."""
-    packed = _packed(query, key, value, cu_seq_q, cu_seq_k, window_left, window_right, seqused_k)
+    packed = _packed(query, key, value, cu_seq_q, cu_seq_k, window_left, window_right, seqused_k,
+                     block_table)
     out, lse, _ = inductor_flex_attention(packed.query, packed.key, packed.value,
                                           identity_score_mod, packed.block_mask, scale,
                                           dict(_KERNEL_OPTIONS), (), packed.buffers)
@@ -158,19 +238,19 @@ def _backward(grad_out, grad_lse, query, key, value, out, lse, cu_seq_q, cu_seq_
 @torch.library.custom_op("inductor_flex::varlen_attn", mutates_args=())
 def varlen_attn_op(query: Tensor, key: Tensor, value: Tensor, cu_seq_q: Tensor,
                    cu_seq_k: Tensor, max_q: int, max_k: int, scale: float, window_left: int,
-                   window_right: int, seqused_k: Optional[Tensor] = None
-                   ) -> Tuple[Tensor, Tensor]:
+                   window_right: int, seqused_k: Optional[Tensor] = None,
+                   block_table: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """Packed attention: (out ``[Tq, Hq, Dv]``, lse ``[Hq, Tq]`` float32). Arguments are
     those of ``varlen_attn``, validated and resolved (``scale`` a float, the window as two
     ints). ``max_q`` / ``max_k`` are not needed by the computation."""
     with as_leaf_kernel():
         return _forward(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_left,
-                        window_right, seqused_k)
+                        window_right, seqused_k, block_table)
 
 
 @varlen_attn_op.register_fake
 def _varlen_attn_fake(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_left,
-                      window_right, seqused_k=None):
+                      window_right, seqused_k=None, block_table=None):
     q_len, heads = query.shape[0], query.shape[1]
     out = query.new_empty((q_len, heads, value.shape[-1]))
     return out, query.new_empty((heads, q_len), dtype=torch.float32)
@@ -197,10 +277,11 @@ def _varlen_attn_backward_fake(grad_out, grad_lse, query, key, value, out, lse, 
 
 def _setup_context(ctx, inputs, output):
     (query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, scale, window_left, window_right,
-     seqused_k) = inputs
-    if seqused_k is not None:
-        raise RuntimeError("varlen_attn: seqused_k is inference-only (no backward); call it "
-                           "under torch.no_grad() or with inputs that do not require grad")
+     seqused_k, block_table) = inputs
+    if seqused_k is not None or block_table is not None:
+        raise RuntimeError("varlen_attn: seqused_k and block_table are inference-only (no "
+                           "backward); call it under torch.no_grad() or with inputs that do not "
+                           "require grad")
     out, lse = output
     ctx.save_for_backward(query, key, value, out, lse, cu_seq_q, cu_seq_k)
     ctx.arguments = (max_q, max_k, scale, window_left, window_right)
@@ -213,7 +294,7 @@ def _autograd_backward(ctx, grad_out, grad_lse):
         grad_out = torch.zeros_like(out)
     grads = varlen_attn_backward_op(grad_out, grad_lse, query, key, value, out, lse, cu_seq_q,
                                     cu_seq_k, *ctx.arguments)
-    return (*grads,) + (None,) * 8
+    return (*grads,) + (None,) * 9
 
 
 varlen_attn_op.register_autograd(_autograd_backward, setup_context=_setup_context)
@@ -234,24 +315,28 @@ def _check_static(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gq
                   block_table, num_splits, score_mod, mask_mod) -> None:
     """Checks on types, shapes, dtypes and devices only: they hold under torch.compile too."""
     fn = "varlen_attn"
-    if block_table is not None:
-        raise NotImplementedError(
-            f"{fn}: block_table (a paged KV cache) is not supported yet; gather the pages into "
-            f"packed key/value tensors, or use inductor_flex's PagedAttention once it exists")
-    for name, tensor in (("query", query), ("key", key), ("value", value)):
-        if not isinstance(tensor, Tensor) or tensor.dim() != 3:
+    paged = block_table is not None
+    # With a block table key/value are pools of pages [n_pages, page_size, H, D].
+    kv_layout, kv_dims = ("paged [n_pages, page_size, H, D]", 4) if paged else ("packed [T, H, D]", 3)
+    for name, tensor, layout, dims in (("query", query, "packed [T, H, D]", 3),
+                                       ("key", key, kv_layout, kv_dims),
+                                       ("value", value, kv_layout, kv_dims)):
+        if not isinstance(tensor, Tensor) or tensor.dim() != dims:
             shape = tuple(tensor.shape) if isinstance(tensor, Tensor) else type(tensor).__name__
-            raise ValueError(f"{fn}: {name} must be a packed [T, H, D] tensor, got {shape}")
+            raise ValueError(f"{fn}: {name} must be a {layout} tensor, got {shape}")
     if not (query.dtype == key.dtype == value.dtype) or not query.dtype.is_floating_point:
         raise ValueError(f"{fn}: query, key and value must share one floating dtype, got "
                          f"{query.dtype}, {key.dtype} and {value.dtype}")
-    if key.shape[:2] != value.shape[:2]:
+    if paged and key.shape[:3] != value.shape[:3]:
+        raise ValueError(f"{fn}: key {tuple(key.shape)} and value {tuple(value.shape)} must have "
+                         f"the same number of pages, page size and heads")
+    if not paged and key.shape[:2] != value.shape[:2]:
         raise ValueError(f"{fn}: key {tuple(key.shape)} and value {tuple(value.shape)} must have "
                          f"the same number of tokens and heads")
-    if query.shape[2] != key.shape[2]:
+    if query.shape[-1] != key.shape[-1]:
         raise ValueError(f"{fn}: query and key must have the same head dim, got "
-                         f"{query.shape[2]} and {key.shape[2]}")
-    heads_q, heads_k = query.shape[1], key.shape[1]
+                         f"{query.shape[-1]} and {key.shape[-1]}")
+    heads_q, heads_k = query.shape[1], key.shape[-2]
     if not enable_gqa and heads_q != heads_k:
         raise ValueError(f"{fn}: query has {heads_q} heads and key/value {heads_k}; they must "
                          f"match, or set enable_gqa=True for grouped-query attention")
@@ -273,10 +358,26 @@ def _check_static(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, enable_gq
     if seqused_k is not None and seqused_k.shape[0] != cu_seq_k.shape[0] - 1:
         raise ValueError(f"{fn}: seqused_k must hold one count per document "
                          f"({cu_seq_k.shape[0] - 1}), got shape {tuple(seqused_k.shape)}")
-    devices = {t.device for t in (query, key, value, cu_seq_q, cu_seq_k)}
+    placed = [query, key, value, cu_seq_q, cu_seq_k]
+    if paged:
+        if seqused_k is None:
+            raise ValueError(f"{fn}: block_table requires seqused_k (the number of keys of each "
+                             f"sequence; the last page is usually not full)")
+        if (not isinstance(block_table, Tensor) or block_table.dtype != torch.int32
+                or block_table.dim() != 2 or block_table.shape[0] != cu_seq_q.shape[0] - 1
+                or block_table.shape[1] == 0):
+            got = (f"{block_table.dtype} tensor of shape {tuple(block_table.shape)}"
+                   if isinstance(block_table, Tensor) else type(block_table).__name__)
+            raise ValueError(f"{fn}: block_table must be an int32 [N = {cu_seq_q.shape[0] - 1}, "
+                             f"max_pages_per_seq >= 1] tensor (the pages of each sequence, in "
+                             f"logical order), got {got}")
+        placed += [seqused_k, block_table]
+    devices = {t.device for t in placed}
     if len(devices) != 1:
-        raise ValueError(f"{fn}: query, key, value, cu_seq_q and cu_seq_k must be on one "
-                         f"device, got {sorted(map(str, devices))}")
+        names = "query, key, value, cu_seq_q, cu_seq_k" + (", seqused_k, block_table" if paged
+                                                           else "")
+        raise ValueError(f"{fn}: {names} must be on one device, got "
+                         f"{sorted(map(str, devices))}")
     for name, bound in (("max_q", max_q), ("max_k", max_k)):
         if isinstance(bound, bool) or not isinstance(bound, (Integral, torch.SymInt)):
             raise ValueError(f"{fn}: {name} must be an int, got {type(bound).__name__}")
@@ -305,8 +406,30 @@ def _check_offsets(name: str, offsets: Tensor, total: int, longest: int, longest
                          f"sequence in {name} ({max(lengths)})")
 
 
-def _check_values(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k) -> None:
+def _check_paged_values(key, max_k, seqused_k, block_table) -> None:
+    """Value checks of a paged call (eager mode only): each sequence's used keys fit its
+    table row and ``max_k``, and its used pages exist and are distinct."""
+    n_pages, page_size = key.shape[0], key.shape[1]
+    width = block_table.shape[1]
+    used = seqused_k.tolist()
+    if min(used) < 0 or max(used) > width * page_size:
+        raise ValueError(f"varlen_attn: seqused_k must lie between 0 and the {width} pages x "
+                         f"{page_size} tokens a block_table row addresses, got {used}")
+    if max(used) > max_k:
+        raise ValueError(f"varlen_attn: max_k={max_k} is smaller than the longest sequence in "
+                         f"seqused_k ({max(used)})")
+    for doc, (row, count) in enumerate(zip(block_table.tolist(), used)):
+        pages = row[:-(-count // page_size)]
+        if any(not 0 <= page < n_pages for page in pages) or len(set(pages)) != len(pages):
+            raise ValueError(f"varlen_attn: block_table row {doc} must name {len(pages)} distinct "
+                             f"pages in [0, {n_pages}) for its seqused_k={count} keys, got {pages}")
+
+
+def _check_values(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table) -> None:
     _check_offsets("cu_seq_q", cu_seq_q, query.shape[0], max_q, "max_q")
+    if block_table is not None:  # cu_seq_k is not read: seqused_k gives the key counts
+        _check_paged_values(key, max_k, seqused_k, block_table)
+        return
     _check_offsets("cu_seq_k", cu_seq_k, key.shape[0], max_k, "max_k")
     if seqused_k is not None:
         lengths = cu_seq_k.diff()
@@ -393,7 +516,11 @@ def varlen_attn(
         enable_gqa: allow ``Hq`` a multiple of ``Hkv``.
         seqused_k: int32 ``[N]``: only the first ``seqused_k[i]`` keys of sequence ``i``
             are used (inference only).
-        block_table: paged KV cache; not supported yet (raises).
+        block_table: int32 ``[N, max_pages_per_seq]``, a paged KV cache (inference only):
+            key / value are then pools of pages ``[n_pages, page_size, Hkv, D]`` and
+            sequence ``i``'s logical key ``j`` is row ``j % page_size`` of page
+            ``block_table[i, j // page_size]``. Requires ``seqused_k`` (the key counts;
+            ``cu_seq_k`` is then not read). A page may serve several sequences, once each.
         num_splits: accepted for compatibility; our kernels do not split the KV loop.
         score_mod, mask_mod: as for ``flex_attention``, called with document-local
             ``q_idx`` / ``kv_idx``; ``mask_mod`` narrows the window and documents.
@@ -413,12 +540,15 @@ def varlen_attn(
             raise ValueError(f"varlen_attn: return_aux must be an AuxRequest or None, got "
                              f"{type(return_aux).__name__}")
     if not torch.compiler.is_compiling():
-        _check_values(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k)
+        _check_values(query, key, cu_seq_q, cu_seq_k, max_q, max_k, seqused_k, block_table)
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     if score_mod is None and mask_mod is None:
         out, lse = varlen_attn_op(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k,
-                                  float(scale), *window, seqused_k)
+                                  float(scale), *window, seqused_k, block_table)
+    elif block_table is not None:
+        raise NotImplementedError("varlen_attn: score_mod / mask_mod with block_table are not "
+                                  "supported; gather the pages into packed key/value tensors")
     else:
         out, lse = _attend_with_mods(query, key, value, cu_seq_q, cu_seq_k, scale, window,
                                      seqused_k, enable_gqa, score_mod, mask_mod)

@@ -142,3 +142,40 @@ def assert_error_ratio(got, yardstick, golden, dtype, names=None):
         err, ref_err = mean_abs(value, golden[name]), mean_abs(reference, golden[name])
         assert err <= FACTOR[dtype] * ref_err + floor, (
             f"{name}: error {err:.3g} vs yardstick {ref_err:.3g} ({dtype})")
+
+
+def paged_cache(key, value, cu_k, page_size, spare_pages=3, width_extra=1, share_first=False,
+                seed=0):
+    """(key_pages, value_pages [n_pages, page_size, H, D], block_table int32 [N, width],
+    seqused_k int32 [N]) holding the packed ``key`` / ``value`` of each sequence in pages
+    placed at random (spare pages and unused table entries hold noise), so that
+    ``varlen_attn(..., key_pages, value_pages, ..., seqused_k=, block_table=)`` must equal
+    ``varlen_attn`` on the packed tensors. With ``share_first``, every sequence's first
+    page is the first sequence's: the callers give all sequences the same first keys."""
+    gen = torch.Generator().manual_seed(seed)
+    lengths = cu_k.diff().tolist()
+    counts = [-(-length // page_size) for length in lengths]
+    owned = sum(counts) - (len(counts) - 1 if share_first else 0)
+    n_pages = owned + spare_pages
+    order = torch.randperm(n_pages, generator=gen).tolist()
+    width = max(counts) + width_extra
+    key_pages, value_pages = (torch.randn((n_pages, page_size) + tuple(t.shape[1:]), generator=gen)
+                              .to(device=t.device, dtype=t.dtype) for t in (key, value))
+    table = torch.randint(-1, n_pages, (len(lengths), width), generator=gen, dtype=torch.int32)
+    start, shared = 0, None
+    for row, (length, count) in enumerate(zip(lengths, counts)):
+        pages = [order.pop() for _ in range(count)]
+        if share_first and shared is not None and count:
+            order.append(pages[0])
+            pages[0] = shared
+        elif share_first and count:
+            shared = pages[0]
+        table[row, :count] = torch.tensor(pages, dtype=torch.int32)
+        for logical, page in enumerate(pages):
+            tokens = slice(start + logical * page_size, start + min(length, (logical + 1) * page_size))
+            rows = tokens.stop - tokens.start
+            key_pages[page, :rows] = key[tokens]
+            value_pages[page, :rows] = value[tokens]
+        start += length
+    used = torch.tensor(lengths, dtype=torch.int32)
+    return key_pages, value_pages, table.to(key.device), used.to(key.device)

@@ -110,7 +110,8 @@ def cu_seq_block_lists(cu_seq_q: Tensor, cu_seq_k: Tensor, q_len: int, kv_len: i
                        window: Tuple[int, int] = (-1, -1), used_k: Optional[Tensor] = None,
                        block_size: Tuple[int, int] = (128, 128), allow_full: bool = True,
                        q_layout: Optional[CuSeqLayout] = None,
-                       kv_layout: Optional[CuSeqLayout] = None) -> Tuple[Optional[Tensor], ...]:
+                       kv_layout: Optional[CuSeqLayout] = None,
+                       transposed: bool = True) -> Tuple[Optional[Tensor], ...]:
     """The eight block lists (docs/internals.md order: kv_num_blocks, kv_indices,
     full_kv_*, q_num_blocks, q_indices, full_q_*) of packed documents.
 
@@ -120,16 +121,19 @@ def cu_seq_block_lists(cu_seq_q: Tensor, cu_seq_k: Tensor, q_len: int, kv_len: i
     ``(-1, 0)`` is causal aligned at the bottom right. ``allow_full=False`` lists every
     visible block as partial (the caller's mask_mod must then run everywhere). The
     layouts may be passed when the caller already has them (``cu_seq_layout``).
+    ``transposed=False`` leaves the four ``q_*`` lists None (a forward-only caller).
     """
     left, right = window
     q_block, kv_block = block_size
     if q_layout is None:
         q_layout = cu_seq_layout(cu_seq_q, q_len)
-    if kv_layout is None:
-        kv_layout = cu_seq_layout(cu_seq_k, kv_len, used_k)
     kv_end_of_doc = cu_seq_k[1:] if used_k is None else cu_seq_k[:-1] + used_k.to(cu_seq_k.dtype)
     lo, hi = _visible_bounds(q_layout, cu_seq_k[:-1], kv_end_of_doc, left, right)
     kv_lists = _lists(lo, hi, kv_len, q_block, kv_block, allow_full)
+    if not transposed:
+        return kv_lists + (None,) * 4
+    if kv_layout is None:
+        kv_layout = cu_seq_layout(cu_seq_k, kv_len, used_k)
     # The transposed relation: key rows, query columns, the window mirrored.
     lo, hi = _visible_bounds(kv_layout, cu_seq_q[:-1], cu_seq_q[1:], right, left)
     q_lists = _lists(lo, hi, q_len, kv_block, q_block, allow_full)
