@@ -33,7 +33,7 @@ from .block_mask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
 from .masks._cu_seq_blocks import cu_seq_block_lists, cu_seq_layout
 from .ops import inductor_flex_attention, inductor_flex_attention_backward
 from .ops._shared import as_leaf_kernel
-from .paged_attention import page_to_logical, physical_to_logical_of_table
+from ._pages import page_to_logical, physical_to_logical_of_table
 
 __all__ = ["AuxRequest", "varlen_attn"]
 
