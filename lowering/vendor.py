@@ -356,10 +356,9 @@ def lower_forward_vendor(query, key, value, score_mod, block_mask, scale, kernel
                          score_mod_other_buffers=(), mask_mod_other_buffers=()):
     """The forward through a vendor kernel (``Declined`` where none qualifies or, outside
     max-autotune, where the measured rule prefers ours)."""
-    from torch._inductor import config as inductor_config
-
     from .common import output_used
     from .dispatch import Declined
+    from .forward import lower_forward
     from .options import FORWARD, PassOptions
 
     buffers = list(score_mod_other_buffers) + list(mask_mod_other_buffers)
@@ -375,14 +374,28 @@ def lower_forward_vendor(query, key, value, score_mod, block_mask, scale, kernel
         out, lse = emit_forward(vendor, query, key, value, is_causal, problem.scale)
         return out, lse, _unread_max_scores(problem, query.get_device())
 
+    return _vendor_or_timed(
+        problem, pick, vendors, False, is_causal, emit,
+        lambda extra_choices: lower_forward(query, key, value, score_mod, block_mask, scale,
+                                            kernel_options, score_mod_other_buffers,
+                                            mask_mod_other_buffers, extra_choices=extra_choices))[1]
+
+
+def _vendor_or_timed(problem, pick, vendors, backward: bool, is_causal: bool, emit, lower_ours):
+    """What serves a qualifying call. Outside max-autotune: the measured rule's vendor
+    (``Declined`` when it prefers ours). In max-autotune: the vendors timed next to our
+    template configs in one selection (``lower_ours(extra_choices)``). Returns
+    ``("vendor", emit's outputs)`` or ``("ours", our lowering's outputs)``."""
+    from torch._inductor import config as inductor_config
+
+    from .dispatch import Declined
+
     if not inductor_config.max_autotune:
         if pick is None:
             raise Declined(f"the measured rule prefers the fused kernel on sm{problem.capability[0]}"
                            f"{problem.capability[1]} for {problem.dtype}, D={problem.qk_head_dim}")
-        return emit(pick)
-    from .forward import lower_forward
-
-    make = vendor_choice_factory(vendors, False, is_causal, problem.scale, emit)
+        return "vendor", emit(pick)
+    make = vendor_choice_factory(vendors, backward, is_causal, problem.scale, emit)
     made = []
 
     def extra_choices(input_nodes, layout):
@@ -390,12 +403,12 @@ def lower_forward_vendor(query, key, value, score_mod, block_mask, scale, kernel
         return made
 
     try:
-        outputs = lower_forward(query, key, value, score_mod, block_mask, scale, kernel_options,
-                                score_mod_other_buffers, mask_mod_other_buffers,
-                                extra_choices=extra_choices)
+        outputs = lower_ours(extra_choices)
     except Declined:
-        return emit(pick or vendors[0])  # our kernel cannot serve; a vendor still can
-    return chosen(made, outputs[0]) or outputs
+        return "vendor", emit(pick or vendors[0])  # our kernel cannot serve; a vendor still can
+    # The template's own output node: the forward's out, the backward's dK.
+    won = chosen(made, outputs[1 if backward else 0])
+    return ("vendor", won) if won else ("ours", outputs)
 
 
 def _unread_max_scores(problem, device):
@@ -411,8 +424,7 @@ def lower_backward_vendor(query, key, value, out, logsumexp, grad_out, grad_logs
                           score_mod_other_buffers=(), mask_mod_other_buffers=()):
     """The backward through a vendor kernel (``Declined`` as for the forward, and when the
     lse reached the loss)."""
-    from torch._inductor import config as inductor_config
-
+    from .backward import lower_backward
     from .dispatch import Declined
 
     buffers = list(score_mod_other_buffers) + list(mask_mod_other_buffers)
@@ -434,29 +446,13 @@ def lower_backward_vendor(query, key, value, out, logsumexp, grad_out, grad_logs
         # dK first: the backward template's own output is dK.
         return grad_key, grad_query, grad_value
 
-    def as_operator_outputs(grad_key, grad_query, grad_value):
-        return grad_query, grad_key, grad_value, ()
-
-    if not inductor_config.max_autotune:
-        if pick is None:
-            raise Declined(f"the measured rule prefers the fused kernel on sm{problem.capability[0]}"
-                           f"{problem.capability[1]} for {problem.dtype}, D={problem.qk_head_dim}")
-        return as_operator_outputs(*emit(pick))
-    from .backward import lower_backward
-
-    make = vendor_choice_factory(vendors, True, is_causal, problem.scale, emit)
-    made = []
-
-    def extra_choices(input_nodes, layout):
-        made.extend(make(input_nodes, layout))
-        return made
-
-    try:
-        outputs = lower_backward(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
-                                 fw_graph, joint_graph, block_mask, scale, kernel_options,
-                                 score_mod_other_buffers, mask_mod_other_buffers,
-                                 extra_choices=extra_choices)
-    except Declined:
-        return as_operator_outputs(*emit(pick or vendors[0]))
-    vendor_outputs = chosen(made, outputs[1])
-    return as_operator_outputs(*vendor_outputs) if vendor_outputs else outputs
+    served_by, outputs = _vendor_or_timed(
+        problem, pick, vendors, True, is_causal, emit,
+        lambda extra_choices: lower_backward(query, key, value, out, logsumexp, grad_out,
+                                             grad_logsumexp, fw_graph, joint_graph, block_mask,
+                                             scale, kernel_options, score_mod_other_buffers,
+                                             mask_mod_other_buffers, extra_choices=extra_choices))
+    if served_by == "ours":
+        return outputs
+    grad_key, grad_query, grad_value = outputs
+    return grad_query, grad_key, grad_value, ()
