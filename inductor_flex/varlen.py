@@ -10,7 +10,7 @@ keyword-only: ``score_mod`` and ``mask_mod``, called with document-local ``q_idx
 
 How it runs (docs/guide.md, "Packed sequences"): the packed tensors are viewed as
 ``[1, H, T, D]`` and attended with our flex operator under a document block mask built
-from the offsets on the device (``masks/_cu_seq_blocks.py``, no host sync). Without mods
+from the offsets on the device (``masks/_packed_blocks.py``, no host sync). Without mods
 the call is the custom op ``torch.ops.inductor_flex.varlen_attn`` (backward:
 ``varlen_attn_backward``), so Dynamo, AOTAutograd and ``opcheck`` see exactly those
 two; Inductor decomposes each into our flex operator (``register_decompositions``) and
@@ -30,7 +30,7 @@ from torch import Tensor
 from ._mods import identity_score_mod
 from ._block_lists import dense_to_listed
 from .block_mask import _DEFAULT_SPARSE_BLOCK_SIZE, BlockMask
-from .masks._cu_seq_blocks import cu_seq_block_lists, cu_seq_layout
+from .masks._packed_blocks import cu_seq_block_lists, packed_layout
 from .ops import inductor_flex_attention, inductor_flex_attention_backward
 from .ops._shared import as_leaf_kernel
 from ._pages import page_to_logical, physical_to_logical_of_table
@@ -155,13 +155,13 @@ def _paged(query, key, value, cu_seq_q, window_left, window_right, seqused_k,
     n_pages, page_size = key.shape[0], key.shape[1]
     docs, width = block_table.shape
     span = width * page_size  # logical key slots a table row can address
-    q_layout = cu_seq_layout(cu_seq_q, q_len)
+    q_layout = packed_layout(cu_seq_q, q_len)
     # The block lists of a virtual packing that gives each sequence ``span`` key slots, in
     # logical order; virtual block ``d * width + j`` is page ``block_table[d, j]``.
     virtual_cu_k = torch.arange(docs + 1, dtype=torch.int32, device=query.device) * span
     kv_num, kv_virtual, full_num, full_virtual, *_ = cu_seq_block_lists(
         cu_seq_q, virtual_cu_k, q_len, docs * span, (window_left, window_right), seqused_k,
-        (_BLOCK[0], page_size), q_layout=q_layout, transposed=False)
+        (_BLOCK[0], page_size), transposed=False)
     # Unlisted slots name table entries that may hold anything: keep them in range.
     pages = block_table.flatten().clamp(0, n_pages - 1)
     kv_num, kv_pages = _first_visits(kv_num, _at(pages, kv_virtual), n_pages)
@@ -183,10 +183,10 @@ def _packed(query, key, value, cu_seq_q, cu_seq_k, window_left, window_right,
         return _paged(query, key, value, cu_seq_q, window_left, window_right, seqused_k,
                       block_table)
     q_len, kv_len = query.shape[0], key.shape[0]
-    q_layout = cu_seq_layout(cu_seq_q, q_len)
-    kv_layout = cu_seq_layout(cu_seq_k, kv_len, seqused_k)
+    q_layout = packed_layout(cu_seq_q, q_len)
+    kv_layout = packed_layout(cu_seq_k, kv_len, seqused_k)
     lists = cu_seq_block_lists(cu_seq_q, cu_seq_k, q_len, kv_len, (window_left, window_right),
-                               seqused_k, _BLOCK, q_layout=q_layout, kv_layout=kv_layout)
+                               seqused_k, _BLOCK)
     mask_mod = _mask_mod_on_buffers(window_left, window_right, seqused_k is not None)
     block_mask = (q_len, kv_len, *lists, *_BLOCK, mask_mod)
     views = [t.unsqueeze(0).transpose(1, 2) for t in (query, key, value)]
@@ -448,12 +448,11 @@ def _attend_with_mods(query, key, value, cu_seq_q, cu_seq_k, scale, window, sequ
 
     left, right = window
     q_len, kv_len = query.shape[0], key.shape[0]
-    q_layout = cu_seq_layout(cu_seq_q, q_len)
-    kv_layout = cu_seq_layout(cu_seq_k, kv_len, seqused_k)
+    q_layout = packed_layout(cu_seq_q, q_len)
+    kv_layout = packed_layout(cu_seq_k, kv_len, seqused_k)
     # The user's mod may drop any pair, so no block is known to be full.
     lists = cu_seq_block_lists(cu_seq_q, cu_seq_k, q_len, kv_len, window, seqused_k, _BLOCK,
-                               allow_full=mask_mod is None, q_layout=q_layout,
-                               kv_layout=kv_layout)
+                               allow_full=mask_mod is None)
     q_local = torch.arange(q_len, dtype=torch.int32, device=query.device) - q_layout.start
     kv_local = torch.arange(kv_len, dtype=torch.int32, device=query.device) - kv_layout.start
     bounded_kv = seqused_k is not None

@@ -17,7 +17,7 @@ import torch._dynamo.testing
 
 import inductor_flex
 import inductor_flex.block_mask as block_mask_module
-import inductor_flex.masks.document as document_module
+import inductor_flex.masks._packed_blocks as document_module
 from inductor_flex.block_mask import BlockMask, create_block_mask, create_mask
 from inductor_flex.masks import create_document_block_mask
 

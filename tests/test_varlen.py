@@ -12,7 +12,7 @@ from torch._dynamo.testing import (AotEagerAndRecordGraphs, CompileCounterWithBa
 from torch._inductor.utils import run_and_get_code
 from torch.testing import FileCheck
 
-from inductor_flex.masks._cu_seq_blocks import cu_seq_block_lists
+from inductor_flex.masks._packed_blocks import cu_seq_block_lists
 from inductor_flex.varlen import (AuxRequest, varlen_attn, varlen_attn_backward_op,
                                   varlen_attn_op)
 from varlen_reference import (FACTOR, assert_error_ratio, cu_seq, mean_abs, packed, reference,

@@ -19,9 +19,7 @@ the document offsets by arithmetic (time proportional to the number of blocks), 
 ``create_block_mask(generate_document_mask(...), ...)`` evaluates the mask at every pair.
 Both give the same element mask.
 """
-import math
-import mmap
-from typing import Callable, List, NamedTuple, Optional, Tuple, Union
+from typing import Callable, List, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,21 +30,28 @@ from ..block_mask import (
     BlockMask,
     _block_size_pair,
     _BlockSize,
-    _cdiv,
     _mask_mod_signature,
     _mod_name,
     _usable_device,
 )
+from ._packed_blocks import Packing, PackedLayout, packed_block_lists, packed_layout
 
 __all__ = ["create_document_block_mask", "document_ids", "generate_document_mask"]
 
 
 class _DocumentLayout(NamedTuple):
     offsets: List[Tensor]  # per packing: int64 [n_docs + 1] on the device, offsets[0] == 0
-    doc_ids: Tensor  # int32 [packings, total]: document of each position
-    token_starts: Tensor  # int32 [packings, total]: first position of each position's document
+    tokens: List[PackedLayout]  # per packing: document, start and end of every position
     total: int  # tokens per packing
     batched: bool  # given as one packing per batch entry (2-D / list of sequences)
+
+    def table(self, field: str) -> Tensor:
+        """int32 ``[packings, total]``: one ``PackedLayout`` field of every position."""
+        return torch.stack([getattr(tokens, field) for tokens in self.tokens])
+
+    def packings(self) -> List[Packing]:
+        """What the block-list builder takes: Q and KV share the offsets."""
+        return [Packing(offsets, offsets) for offsets in self.offsets]
 
 
 def _checked_host_values(function: str, where: str, packing) -> Tensor:
@@ -143,16 +148,8 @@ def _document_layout(function: str, lengths, offsets, device: torch.device,
     total = totals.pop()
     if total < 1:
         raise ValueError(f"{function}: the documents hold no tokens")
-    doc_ids = torch.empty(len(all_offsets), total, dtype=torch.int32, device=device)
-    token_starts = torch.empty_like(doc_ids)
-    for row, packing_offsets in enumerate(all_offsets):
-        # output_size: the total is known, so the expansion never reads sizes back.
-        sizes = packing_offsets.diff()
-        doc_ids[row] = torch.repeat_interleave(
-            torch.arange(sizes.numel(), dtype=torch.int32, device=device), sizes, output_size=total)
-        token_starts[row] = torch.repeat_interleave(packing_offsets[:-1].to(torch.int32), sizes,
-                                                    output_size=total)
-    return _DocumentLayout(all_offsets, doc_ids, token_starts, total, batched)
+    tokens = [packed_layout(packing_offsets, total) for packing_offsets in all_offsets]
+    return _DocumentLayout(all_offsets, tokens, total, batched)
 
 
 def _document_device(function: str, lengths, offsets, device) -> torch.device:
@@ -169,9 +166,9 @@ def _document_mask_mod(layout: _DocumentLayout, causal: bool, inner: Optional[Ca
     ``inner`` evaluated on positions local to the document (0 at its first token)."""
     # Per-token tables (not per-document ones): their shapes depend on the total length
     # alone, so a new layout of the same length is the same compiled graph.
-    if layout.doc_ids.shape[0] == 1:
+    if len(layout.tokens) == 1:
         # One packing shared by every batch entry: the batch index is not needed.
-        doc_ids, token_starts = layout.doc_ids[0], layout.token_starts[0]
+        doc_ids, token_starts = layout.tokens[0].doc, layout.tokens[0].start
 
         def doc_of(b, idx):
             return doc_ids[idx]
@@ -179,7 +176,7 @@ def _document_mask_mod(layout: _DocumentLayout, causal: bool, inner: Optional[Ca
         def start_of(b, idx):
             return token_starts[idx]
     else:
-        doc_ids, token_starts = layout.doc_ids, layout.token_starts
+        doc_ids, token_starts = layout.table("doc"), layout.table("start")
 
         def doc_of(b, idx):
             return doc_ids[b, idx]
@@ -199,120 +196,6 @@ def _document_mask_mod(layout: _DocumentLayout, causal: bool, inner: Optional[Ca
     if inner is not None:
         document_mask.__name__ += f"[{_mod_name(inner)}]"
     return document_mask
-
-
-class _BlockRuns(NamedTuple):
-    """Per row block, its visible column blocks as runs: partial blocks are
-    ``[lo, lo + n_left)`` then ``[lo + n_left + n_full, lo + n_partial + n_full)``; full blocks
-    are ``[full_start, full_start + n_full)``."""
-
-    lo: Tensor
-    n_left: Tensor
-    n_partial: Tensor
-    n_full: Tensor
-    full_start: Tensor
-
-
-def _document_block_runs(
-    offsets: Tensor,
-    length: int,
-    row_block: int,
-    col_block: int,
-    row_bounds_low: bool,
-    row_bounds_high: bool,
-    allow_full: bool,
-) -> _BlockRuns:
-    """Block runs of the same-document relation (with causality) for one packing.
-
-    Rows and columns index the same positions. Causal masks cut the visible columns at
-    the row block's last position (``row_bounds_high``, KV side) or start them at its
-    first position (``row_bounds_low``, query side). Documents are contiguous, so the
-    visible columns of a row block form one range, every block of which sees something;
-    full blocks are those inside the single document of a row block that lies in one
-    document, with the causal cut; the partial ones are what is left of the range.
-    """
-    device = offsets.device
-    n_rows, n_cols = _cdiv(length, row_block), _cdiv(length, col_block)
-    first = torch.arange(n_rows, device=device) * row_block
-    last = (first + row_block).clamp(max=length) - 1
-    doc_first = torch.searchsorted(offsets, first, right=True) - 1
-    doc_last = torch.searchsorted(offsets, last, right=True) - 1
-    start_first = offsets[doc_first]
-    visible_low = first if row_bounds_low else start_first
-    visible_high = last if row_bounds_high else offsets[doc_last + 1] - 1
-    lo = visible_low // col_block
-    n_visible = visible_high // col_block - lo + 1
-    if allow_full:
-        # Causal cuts: a full block's columns all come at or after the row block's last
-        # position (query side) or at or before its first one (KV side). Within one
-        # document these bounds already lie inside it.
-        full_low = last if row_bounds_low else start_first
-        full_high = first if row_bounds_high else offsets[doc_first + 1] - 1
-        full_start = -(-full_low // col_block)
-        # Last column block whose last existing position is <= full_high.
-        full_end = torch.where(full_high >= length - 1, n_cols - 1, (full_high + 1) // col_block - 1)
-        has_full = (doc_first == doc_last) & (full_start <= full_end)
-        n_full = torch.where(has_full, full_end - full_start + 1, 0)
-        n_left = torch.where(has_full, full_start - lo, 0)
-        full_start = torch.where(has_full, full_start, 0)
-    else:
-        n_full = n_left = full_start = torch.zeros_like(lo)
-    return _BlockRuns(lo, n_left, n_visible - n_full, n_full, full_start)
-
-
-# A million tokens give [8192, 8192] index lists, 1 GiB for the four of them, of which a
-# packed-document mask uses only a short prefix per row. On the CPU, a fresh anonymous
-# mapping reads as zeros (valid block indices) and costs nothing until a page is written,
-# so large lists come from one and only the used prefix is written: page faults on the
-# whole gigabyte would otherwise dominate the construction time. On other devices (and
-# under tracing) the width of the used prefix is not read back (that would wait for the
-# device): every slot is written, by one gather per list.
-_LAZY_ZEROS_MIN_BYTES = 16 << 20
-
-
-def _writes_whole_rows(device: torch.device) -> bool:
-    return device.type != "cpu" or torch.compiler.is_compiling()
-
-
-def _empty_lists(shape: Tuple[int, ...], device: torch.device) -> Tensor:
-    """int32 storage for block lists: zeros on the CPU (lazily where large), uninitialised
-    where every slot is written anyway."""
-    if _writes_whole_rows(device):
-        return torch.empty(shape, dtype=torch.int32, device=device)
-    nbytes = math.prod(shape) * 4
-    if nbytes >= _LAZY_ZEROS_MIN_BYTES and hasattr(mmap, "MAP_ANONYMOUS"):
-        buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        return torch.frombuffer(buffer, dtype=torch.int32).view(shape)
-    return torch.zeros(shape, dtype=torch.int32, device=device)
-
-
-def _write_runs(out: Tensor, count: Tensor, base: Tensor, fix_start: Optional[Tensor] = None,
-                fix_count: Optional[Tensor] = None, fix_width: int = 0) -> None:
-    """Fill each row of ``out [rows, n_cols]``: slot c of row r := ``base[r] + c`` (capped at
-    n_cols - 1), except the first ``fix_count[r]`` slots := ``fix_start[r] + c``;
-    ``fix_count`` never exceeds ``fix_width``. On the CPU only the used prefix, ``max(count)``
-    wide, is written (later slots keep their zeros); elsewhere whole rows."""
-    if out.shape[0] == 0:
-        return
-    n_cols = out.shape[1]
-    whole_rows = _writes_whole_rows(out.device)
-    width = n_cols if whole_rows else int(count.max())
-    if width == 0:
-        return
-    ramp = torch.arange(n_cols, dtype=torch.int32, device=out.device)
-    capped = torch.cat([ramp, ramp.new_full((width,), n_cols - 1)])
-    # Row s of the unfolded view is capped[s : s + width]: gathering rows is one copy.
-    ramps = capped.unfold(0, width, 1)
-    base = base.clamp(0, n_cols)
-    if whole_rows and not torch.compiler.is_compiling():
-        torch.index_select(ramps, 0, base, out=out)
-    else:
-        out[:, :width] = torch.index_select(ramps, 0, base)
-    if fix_count is not None and fix_width > 0:
-        fixed = min(fix_width, width)
-        slots = ramp[:fixed]
-        out[:, :fixed] = torch.where(slots < fix_count[:, None], fix_start[:, None].to(torch.int32) + slots,
-                                     out[:, :fixed])
 
 
 def create_document_block_mask(
@@ -357,45 +240,12 @@ def create_document_block_mask(
     device = _document_device(fn, lengths, offsets, device)
     layout = _document_layout(fn, lengths, offsets, device, total_length)
     total = layout.total
-    n_q, n_kv = _cdiv(total, q_block), _cdiv(total, kv_block)
-    packings = len(layout.offsets)
-
-    has_full = mask_mod is None
-
-    def lists_for(rows: int, cols: int) -> List[Tensor]:
-        # [num_blocks, indices], then their full versions when there are any.
-        sizes = [(packings, 1, rows), (packings, 1, rows, cols)] * (2 if has_full else 1)
-        return [_empty_lists(size, device) for size in sizes]
-
-    kv_lists, q_lists = lists_for(n_q, n_kv), lists_for(n_kv, n_q)
-    for p, packing_offsets in enumerate(layout.offsets):
-        for lists, rows, cols, low, high in (
-            (kv_lists, q_block, kv_block, False, causal),
-            (q_lists, kv_block, q_block, causal, False),
-        ):
-            runs = _document_block_runs(packing_offsets, total, rows, cols, low, high, has_full)
-            lists[0][p, 0] = runs.n_partial
-            # Partial blocks left of a full run: at most the columns one row block spans
-            # plus one, since the full run starts at or before the row block's last position.
-            _write_runs(lists[1][p, 0], runs.n_partial, runs.lo + runs.n_full, runs.lo, runs.n_left,
-                        _cdiv(rows, cols) + 1)
-            if has_full:
-                lists[2][p, 0] = runs.n_full
-                _write_runs(lists[3][p, 0], runs.n_full, runs.full_start)
-    if not has_full:
-        # No block is known to be full: the inner mask_mod must run everywhere.
-        kv_lists += [None, None]
-        q_lists += [None, None]
+    # With an inner mask_mod no block is known to be full: it must run everywhere.
+    lists = packed_block_lists(layout.packings(), total, total, (-1, 0) if causal else (-1, -1),
+                               (q_block, kv_block), allow_full=mask_mod is None)
     return BlockMask(
         (total, total),
-        kv_lists[0],
-        kv_lists[1],
-        kv_lists[2],
-        kv_lists[3],
-        q_lists[0],
-        q_lists[1],
-        q_lists[2],
-        q_lists[3],
+        *lists,
         BLOCK_SIZE=(q_block, kv_block),
         mask_mod=_document_mask_mod(layout, causal, mask_mod),
     )
@@ -429,4 +279,4 @@ def document_ids(lengths=None, offsets=None, device=None) -> Tensor:
     one packing per batch entry."""
     fn = "document_ids"
     layout = _document_layout(fn, lengths, offsets, _document_device(fn, lengths, offsets, device))
-    return layout.doc_ids if layout.batched else layout.doc_ids[0]
+    return layout.table("doc") if layout.batched else layout.tokens[0].doc
