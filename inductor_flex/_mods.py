@@ -90,8 +90,26 @@ def mask_mod_grid(mask_mod: Callable, b: Tensor, h: Tensor, q_idx: Tensor, kv_id
                   buffers: Sequence[Tensor] = ()) -> Tensor:
     """``mask_mod`` at every ``(b, h, q, kv)`` of the 1-D index vectors: bool ``[B, H, Q, KV]``."""
     grid = _nest_vmaps(batchable(mask_mod), has_score=False, num_buffers=len(buffers))
-    out = grid(*_grid_indices(b, h, q_idx, kv_idx), *buffers)
-    out = torch.as_tensor(out, device=q_idx.device)
+    out = _checked_mask(mask_mod, grid(*_grid_indices(b, h, q_idx, kv_idx), *buffers), q_idx.device)
+    shape = (b.numel(), h.numel(), q_idx.numel(), kv_idx.numel())
+    return out.expand(shape)
+
+
+def mask_mod_tiles(mask_mod: Callable, b: Tensor, h: Tensor, q_tiles: Tensor, kv_tiles: Tensor,
+                   buffers: Sequence[Tensor] = ()) -> Tensor:
+    """``mask_mod`` over T grids in one call: grid t is ``mask_mod_grid`` of ``b``, ``h``,
+    ``q_tiles[t]`` and ``kv_tiles[t]`` (``q_tiles [T, R]``, ``kv_tiles [T, C]``). Returns bool
+    ``[T, B, H, R, C]``. One vmap call for many (query block, kv block) tiles, where one per
+    tile would cost more in vmap's Python than the mask itself."""
+    grid = _nest_vmaps(batchable(mask_mod), has_score=False, num_buffers=len(buffers))
+    tiles = torch.vmap(grid, in_dims=(None, None, 0, 0) + (None,) * len(buffers), out_dims=0)
+    b, h, q_tiles, kv_tiles = _grid_indices(b, h, q_tiles, kv_tiles)
+    out = _checked_mask(mask_mod, tiles(b, h, q_tiles, kv_tiles, *buffers), q_tiles.device)
+    return out.expand(q_tiles.shape[0], b.numel(), h.numel(), q_tiles.shape[1], kv_tiles.shape[1])
+
+
+def _checked_mask(mask_mod: Callable, out, device) -> Tensor:
+    out = torch.as_tensor(out, device=device)
     if out.dtype != torch.bool:
         # As PyTorch's create_block_mask: a nonzero int or float is no "keep"; the mod
         # most likely returns a score or an index by mistake.
@@ -99,8 +117,7 @@ def mask_mod_grid(mask_mod: Callable, b: Tensor, h: Tensor, q_idx: Tensor, kv_id
             f"mask_mod {getattr(mask_mod, '__name__', type(mask_mod).__name__)} returned "
             f"{out.dtype}; a mask_mod must return a bool tensor (True keeps the score), "
             f"e.g. a comparison such as q_idx >= kv_idx")
-    shape = (b.numel(), h.numel(), q_idx.numel(), kv_idx.numel())
-    return out.expand(shape)
+    return out
 
 
 def score_mod_grid(score_mod: Callable, scores: Tensor, b: Tensor, h: Tensor, q_idx: Tensor,

@@ -202,8 +202,9 @@ def test_eager_runs_each_mod_once_per_use():
 
     block_mask = create_block_mask(counted_mask_mod, None, None, 64, 64, device=DEVICE, BLOCK_SIZE=16)
     assert calls == {"score_mod": 0, "mask_mod": 1}
-    # The dense path evaluates both mods once per query block (each has a partial block).
-    once = {"score_mod": 64 // 16, "mask_mod": 64 // 16}
+    # The dense path evaluates the score_mod once per query block, and the mask_mod once
+    # for the partial tiles of as many query blocks as its budget holds (here all four).
+    once = {"score_mod": 64 // 16, "mask_mod": 1}
     query = Q.clone().requires_grad_()
     for grad_mode, inputs in ((torch.no_grad, Q), (torch.enable_grad, Q), (torch.enable_grad, query)):
         calls.update(score_mod=0, mask_mod=0)

@@ -112,3 +112,33 @@ def test_rows_listing_no_block_give_zero_out_and_grads():
     grad_q, grad_k, grad_v = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
     assert (grad_q[:, :, empty_rows] == 0).all()
     assert torch.isfinite(grad_k).all() and torch.isfinite(grad_v).all()
+
+
+@pytest.mark.parametrize("chunk_size", [None, 40, 100])
+@pytest.mark.parametrize("budget", [1 << 24, 3000])
+def test_batched_mask_evaluation_matches_reference(monkeypatch, chunk_size, budget):
+    """mask_mod runs on the partial tiles of several query blocks at once, as many as the
+    budget holds (here: all, or one query block per evaluation); per-head masks (marks that
+    differ by head), ragged last blocks and chunks that span or split query blocks all give
+    the float64 reference."""
+    from inductor_flex.ops import dense
+
+    monkeypatch.setattr(dense, "DEFAULT_SCORE_ELEMENTS_PER_CHUNK", budget)
+    q_len, kv_len = 90, 75
+
+    def per_head(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx + 7 * h) | (kv_idx % 13 == 0)
+
+    mask = create_block_mask(per_head, None, H, q_len, kv_len, device="cpu", BLOCK_SIZE=16)
+    generator = torch.Generator().manual_seed(1)
+    q = torch.randn(1, H, q_len, E, generator=generator, dtype=torch.float64)
+    k, v = (torch.randn(1, H, kv_len, E, generator=generator, dtype=torch.float64)
+            for _ in range(2))
+    heads = torch.arange(H)[:, None, None]
+    keep = per_head(0, heads, torch.arange(q_len)[:, None], torch.arange(kv_len)[None, :])
+    expected = reference(q, k, v, keep)
+    out, lse, _ = dense.dense_attention(q, k, v, lambda s, b, h, qi, ki: s, mask.operator_tuple(),
+                                        1 / math.sqrt(E), chunk_size=chunk_size)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    scores = (q @ k.transpose(-1, -2) / math.sqrt(E)).masked_fill(~keep, -math.inf)
+    torch.testing.assert_close(lse, torch.logsumexp(scores, -1).float())

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from .._block_lists import OperatorBlockMask, listed_to_dense
-from .._mods import identity_score_mod, mask_mod_grid, score_mod_at, score_mod_grid
+from .._mods import identity_score_mod, mask_mod_tiles, score_mod_at, score_mod_grid
 from .._compat import cpu_has_bfloat16_matmul_units
 from ._shared import empty_in_layout_of  # the fake registrations use it too: strides agree
 
@@ -126,7 +126,12 @@ class _Tile:
 
     def drop_masked(self, grid: Tensor, fill: float) -> None:
         """Set the dropped scores of ``grid [B, Hq, rows, columns]`` to ``fill``, in place."""
-        if self.keep is not None:
+        if self.keep is None:
+            return
+        if isinstance(self.masked_columns, slice):
+            # A view: filled in place, one pass over the masked columns alone.
+            grid[..., self.masked_columns].masked_fill_(~self.keep, fill)
+        else:
             part = grid[..., self.masked_columns]
             grid[..., self.masked_columns] = torch.where(self.keep, part, fill)
 
@@ -219,6 +224,12 @@ class _Problem:
                                         self.num_kv_blocks)
         listed = self.partial if self.full is None else self.partial | self.full
         self.listed_any = listed.flatten(0, 1).any(0).cpu()
+        # (query block, kv block) tiles mask_mod must see: partial for some batch or head.
+        self.partial_any = self.partial.flatten(0, 1).any(0).cpu()
+        # When no batch or head differs, a partial tile's kept scores are mask_mod's alone.
+        self.uniform_marks = self.partial.shape[:2] == (1, 1)
+        self.mask_budget = budget
+        self._allowed = None  # (first q block, end q block, {(qb, kb): row}, bool tiles)
         if chunk_size is None:
             chunk_size = sparse_chunk_rows(self.q_block_size, default_chunk_rows(
                 batch, q_heads, q_len, kv_len, self.q_block_size, budget))
@@ -257,38 +268,71 @@ class _Problem:
         else:
             full_marks = marks(self.full)
             masked_blocks = ~full_marks.flatten(0, 2).all(0)
+        masked_block_ids = blocks[masked_blocks.cpu()].tolist()
+        if not masked_block_ids:
+            return _Tile(kv_idx, kv_slice)
         column_block = torch.searchsorted(block_ids, kv_idx // size)
         masked = masked_blocks[column_block].nonzero().flatten()
-        if masked.numel() == 0:
-            return _Tile(kv_idx, kv_slice)
         masked_columns = _as_slice(masked)
+        rows_per_block = []
+        for qb in range(first_qb, end_qb):
+            block_start = qb * self.q_block_size
+            rows_per_block.append(slice(max(start, block_start) - block_start,
+                                        min(stop, block_start + self.q_block_size) - block_start))
+        # mask_mod's verdict on every masked column, block row by block row (False on
+        # tiles no batch or head lists as partial: they hold no partial scores to keep).
+        allowed = torch.cat([self._allowed_row(qb, masked_block_ids)[..., rows, :]
+                             for qb, rows in zip(range(first_qb, end_qb), rows_per_block)], dim=2)
+        allowed = allowed[..., :masked.numel()]  # the ragged last kv block
+        if self.uniform_marks and end_qb - first_qb == 1:
+            # One query block, no batch or head differences: a masked block is partial.
+            return _Tile(kv_idx, kv_slice, masked_columns, allowed)
         masked_block = column_block[masked_columns]
         row_block = q_idx // self.q_block_size - first_qb
 
         def expand(block_marks: Tensor) -> Tensor:
             return block_marks.index_select(-2, row_block).index_select(-1, masked_block)
 
-        keep = torch.zeros((self.batch_idx.numel(), self.head_idx.numel(), stop - start,
-                            masked_block.numel()), dtype=torch.bool, device=self.device)
+        keep = expand(partial_marks) & allowed
         if full_marks is not None:
             keep |= expand(full_marks)
-        # mask_mod runs only where a query block lists a KV block as partial: one query
-        # block at a time (a chunk is one, unless chunk_size says otherwise).
-        masked_kv_idx = kv_idx[masked_columns]
-        for local_qb in range(end_qb - first_qb):
-            block_start = (first_qb + local_qb) * self.q_block_size
-            rows = slice(max(start, block_start) - start,
-                         min(stop, block_start + self.q_block_size) - start)
-            columns = partial_marks[..., local_qb, :].flatten(0, -2).any(0)[masked_block]
-            columns = columns.nonzero().flatten()
-            if columns.numel() == 0:
-                continue
-            columns = _as_slice(columns)
-            allowed = mask_mod_grid(self.mask_mod, self.batch_idx, self.head_idx, q_idx[rows],
-                                    masked_kv_idx[columns], self.mask_mod_buffers)
-            in_partial = expand(partial_marks)[..., rows, columns]
-            keep[..., rows, columns] |= in_partial & allowed
         return _Tile(kv_idx, kv_slice, masked_columns, keep)
+
+    def _allowed_row(self, qb: int, kv_blocks: Sequence[int]) -> Tensor:
+        """bool ``[B, Hq, QB, len(kv_blocks) * KB]``: mask_mod on query block ``qb`` against
+        ``kv_blocks`` (False on tiles not partial anywhere). mask_mod runs on the partial tiles
+        of many query blocks at once, as many as ``mask_budget`` elements hold, at positions
+        clamped into range (the clamped ones are sliced off by the caller)."""
+        if self._allowed is None or not self._allowed[0] <= qb < self._allowed[1]:
+            self._evaluate_partial_tiles(qb)
+        _, _, row_of, tiles = self._allowed
+        zero_row = tiles.shape[0] - 1
+        rows = torch.tensor([row_of.get((qb, kb), zero_row) for kb in kv_blocks],
+                            device=self.device)
+        picked = tiles.index_select(0, rows)  # [n, B, H, QB, KB]
+        n, batch, heads, q_size, kv_size = picked.shape
+        return picked.permute(1, 2, 3, 0, 4).reshape(batch, heads, q_size, n * kv_size)
+
+    def _evaluate_partial_tiles(self, first_qb: int) -> None:
+        q_size, kv_size = self.q_block_size, self.kv_block_size
+        per_tile = self.batch_idx.numel() * self.head_idx.numel() * q_size * kv_size
+        pairs = []
+        end_qb = first_qb
+        while end_qb < self.partial_any.shape[0]:
+            row = self.partial_any[end_qb].nonzero().flatten().tolist()
+            if pairs and (len(pairs) + len(row)) * per_tile > self.mask_budget:
+                break
+            pairs += [(end_qb, kb) for kb in row]
+            end_qb += 1
+        q_tiles = torch.tensor([qb for qb, _ in pairs], dtype=torch.long)[:, None] * q_size
+        kv_tiles = torch.tensor([kb for _, kb in pairs], dtype=torch.long)[:, None] * kv_size
+        q_tiles = (q_tiles + torch.arange(q_size)).clamp_(max=self.q_len - 1).to(self.device)
+        kv_tiles = (kv_tiles + torch.arange(kv_size)).clamp_(max=self.kv_len - 1).to(self.device)
+        tiles = mask_mod_tiles(self.mask_mod, self.batch_idx, self.head_idx, q_tiles, kv_tiles,
+                               self.mask_mod_buffers)
+        # A last, all-False tile for masked blocks that are not partial in this row.
+        tiles = torch.cat([tiles, tiles.new_zeros((1,) + tiles.shape[1:])])
+        self._allowed = (first_qb, end_qb, {pair: i for i, pair in enumerate(pairs)}, tiles)
 
     def raw_scores(self, q_chunk: Tensor, key: Tensor) -> Tuple[Tensor, Tensor]:
         """``scale * Q K^T`` of a query chunk and the tile's keys, as (stacked ``scale * Q``
