@@ -324,14 +324,18 @@ class _Problem:
                 break
             pairs += [(end_qb, kb) for kb in row]
             end_qb += 1
-        q_tiles = torch.tensor([qb for qb, _ in pairs], dtype=torch.long)[:, None] * q_size
-        kv_tiles = torch.tensor([kb for _, kb in pairs], dtype=torch.long)[:, None] * kv_size
-        q_tiles = (q_tiles + torch.arange(q_size)).clamp_(max=self.q_len - 1).to(self.device)
-        kv_tiles = (kv_tiles + torch.arange(kv_size)).clamp_(max=self.kv_len - 1).to(self.device)
-        tiles = mask_mod_tiles(self.mask_mod, self.batch_idx, self.head_idx, q_tiles, kv_tiles,
-                               self.mask_mod_buffers)
         # A last, all-False tile for masked blocks that are not partial in this row.
-        tiles = torch.cat([tiles, tiles.new_zeros((1,) + tiles.shape[1:])])
+        no_tile = torch.zeros((1, self.batch_idx.numel(), self.head_idx.numel(), q_size, kv_size),
+                              dtype=torch.bool, device=self.device)
+        if pairs:  # (none: mask_mod is not called on an empty batch of tiles)
+            q_tiles = torch.tensor([qb for qb, _ in pairs], dtype=torch.long)[:, None] * q_size
+            kv_tiles = torch.tensor([kb for _, kb in pairs], dtype=torch.long)[:, None] * kv_size
+            q_tiles = (q_tiles + torch.arange(q_size)).clamp_(max=self.q_len - 1).to(self.device)
+            kv_tiles = (kv_tiles + torch.arange(kv_size)).clamp_(max=self.kv_len - 1).to(self.device)
+            tiles = torch.cat([mask_mod_tiles(self.mask_mod, self.batch_idx, self.head_idx, q_tiles,
+                                              kv_tiles, self.mask_mod_buffers), no_tile])
+        else:
+            tiles = no_tile
         self._allowed = (first_qb, end_qb, {pair: i for i, pair in enumerate(pairs)}, tiles)
 
     def raw_scores(self, q_chunk: Tensor, key: Tensor) -> Tuple[Tensor, Tensor]:
