@@ -224,3 +224,11 @@ def cpu_has_bfloat16_matmul_units() -> bool:
     bfloat16 matmul beats a float32 one; ``torch.cpu`` probes by these names in 2.11 and 2.13."""
     probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def host_reading_op_tags() -> tuple:
+    """Tags for a custom op that reads device tensors on the host (the dense extern
+    kernels read the block lists): CUDA-graph trees then run it outside a graph instead of
+    failing to capture it. ``cudagraph_unsafe`` may be missing from older builds."""
+    tag = getattr(torch.Tag, "cudagraph_unsafe", None)
+    return (tag,) if tag is not None else ()

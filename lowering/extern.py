@@ -43,6 +43,7 @@ import torch.fx
 from torch import Tensor
 from torch.fx.graph import _custom_builtins
 
+from inductor_flex import _compat
 from inductor_flex._block_lists import OperatorBlockMask
 from inductor_flex._mods import batchable, identity_score_mod, score_mod_grid
 from inductor_flex.ops.backward import (
@@ -260,7 +261,8 @@ def merged_buffers(tensors: Sequence[Tensor], scalars: Sequence[int],
     return tuple(next(tensors) if flag else next(scalars) for flag in is_tensor)
 
 
-@torch.library.custom_op("inductor_flex::dense_forward", mutates_args=())
+@torch.library.custom_op("inductor_flex::dense_forward", mutates_args=(),
+                         tags=_compat.host_reading_op_tags())
 def dense_forward(query: Tensor, key: Tensor, value: Tensor, kv_num_blocks: Tensor,
                   kv_indices: Tensor, full_kv_num_blocks: Optional[Tensor],
                   full_kv_indices: Optional[Tensor], q_block_size: int, kv_block_size: int,
@@ -307,7 +309,8 @@ def _dense_forward_fake(query, key, value, kv_num_blocks, kv_indices, full_kv_nu
     return out, lse, torch.empty_like(lse)
 
 
-@torch.library.custom_op("inductor_flex::dense_backward", mutates_args=())
+@torch.library.custom_op("inductor_flex::dense_backward", mutates_args=(),
+                         tags=_compat.host_reading_op_tags())
 def dense_backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, logsumexp: Tensor,
                    grad_out: Tensor, grad_logsumexp: Optional[Tensor], kv_num_blocks: Tensor,
                    kv_indices: Tensor, full_kv_num_blocks: Optional[Tensor],
