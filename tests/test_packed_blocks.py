@@ -83,3 +83,12 @@ def test_traces_without_host_reads():
             listed = torch.arange(got[i + 1].shape[-1]) < expected[i][..., None]
             assert torch.equal(expected[i + 1][listed], got[i + 1][listed])
     torch._dynamo.reset()
+
+
+def test_trusted_offsets_that_end_early_stay_in_range():
+    # With total_length= the offsets are trusted, never read back; ones ending before the
+    # total must not make the builder index past them (an illegal address on a GPU).
+    layout = packed_blocks.packed_layout(torch.tensor([0, 3, 5]), 8)
+    assert layout.doc.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
+    assert layout.start.tolist() == [0, 0, 0, 3, 3, 3, 3, 3]
+    assert layout.end.tolist() == [3, 3, 3, 5, 5, 5, 5, 5]
