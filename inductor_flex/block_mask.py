@@ -1033,7 +1033,8 @@ def _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block: int, kv_block: 
     else:
         mask = mask_mod_grid(mask_mod, b, h, q.clamp(max=Q_LEN - 1), kv.clamp(max=KV_LEN - 1))
         mask = mask & ((q < Q_LEN)[:, None] & (kv < KV_LEN)[None, :])
-    visible = mask.view(B, H, n_q, q_block, n_kv, kv_block).sum((3, 5), dtype=torch.int32)
+    count_dtype = torch.int32 if q_block * kv_block < 2 ** 31 else torch.int64  # a block's pairs
+    visible = mask.view(B, H, n_q, q_block, n_kv, kv_block).sum((3, 5), dtype=count_dtype)
     block_rows = (Q_LEN - torch.arange(n_q, device=device) * q_block).clamp(max=q_block)
     block_cols = (KV_LEN - torch.arange(n_kv, device=device) * kv_block).clamp(max=kv_block)
     return visible > 0, visible == block_rows[:, None] * block_cols[None, :]
