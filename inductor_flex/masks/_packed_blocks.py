@@ -46,7 +46,7 @@ def packed_layout(offsets: Tensor, length: int, used: Optional[Tensor] = None) -
     doc = torch.searchsorted(offsets, positions, right=True, out_int32=True) - 1
     # Trusted offsets (total_length=, never read back) may end before ``length``: the tokens
     # past the end then belong to the last document rather than indexing past the offsets.
-    doc = doc.clamp_(max=offsets.numel() - 2)
+    doc = doc.clamp(max=offsets.numel() - 2)  # out of place: Inductor decompositions run this
     start = offsets[doc]
     end = offsets[doc + 1] if used is None else start + used.to(torch.int32)[doc]
     return PackedLayout(doc, start, end)
