@@ -1,4 +1,6 @@
 """Settings shared by every test under tests/ (tests/gpu/conftest.py adds the GPU fixtures)."""
+import pytest
+import torch
 
 
 def pytest_configure(config):
@@ -11,3 +13,12 @@ def pytest_configure(config):
         "filterwarnings",
         "ignore:`torch.jit.script_method` is deprecated:DeprecationWarning:torch.jit._script",
     )
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Dynamo's caches emptied before and after the test, so compile counts and generated
+    code are the test's own (files that compile use it for every test: ``pytestmark``)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

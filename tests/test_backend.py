@@ -19,11 +19,7 @@ from test_dynamo import GraphRecorder, flex_nodes, make_qkv, reference_attention
 M, BLOCK = 24, 8
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def causal(b, h, q_idx, kv_idx):

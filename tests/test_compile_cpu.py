@@ -25,11 +25,7 @@ from test_ops import causal, naive_attention
 inductor_flex.lowering.register()  # idempotent; the package import may already do it
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def make_inputs(dtype, batch=2, q_heads=4, kv_heads=2, q_len=48, kv_len=40, head_dim=16, seed=0):

@@ -31,11 +31,8 @@ BLOCK = 8
 
 
 @pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
+def fresh_counters(fresh_dynamo):
     counters.clear()
-    yield
-    torch._dynamo.reset()
 
 
 # ---------------------------------------------------------------------------------------

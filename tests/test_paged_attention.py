@@ -23,11 +23,7 @@ relative_bias = SCORE_MODS["relative_bias"]
 paged_cache = paged_helpers.paged_cache
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 # ---------------------------------------------------------------------------------------

@@ -32,11 +32,7 @@ EOS_POSITIONS = [(40, 127, 200), (99, 255)]
 OTHER_EOS_POSITIONS = [(10, 128, 129), (63, 64, 190)]
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def element_mask(block_mask, seq_len):

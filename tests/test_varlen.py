@@ -1,7 +1,6 @@
 """varlen_attn on the CPU (the dense path): numerics against a float64 per-sequence
 reference, the block lists built from cu_seq, the custom ops (opcheck, what Dynamo,
 AOTAutograd and Inductor see), mods with document-local indices, and bad input."""
-import math
 import re
 
 import pytest
@@ -15,7 +14,7 @@ from torch.testing import FileCheck
 from inductor_flex.masks._packed_blocks import cu_seq_block_lists
 from inductor_flex.varlen import (AuxRequest, varlen_attn, varlen_attn_backward_op,
                                   varlen_attn_op)
-from varlen_reference import (FACTOR, assert_error_ratio, cu_seq, mean_abs, packed, reference,
+from varlen_reference import (assert_error_ratio, cu_seq, mean_abs, packed, reference,
                               run_with_grads, flex_in_dtype, window_keep)
 
 # The issue's [512, 77, 1000, 1, 300, 128], scaled down for the CPU; odd lengths and a
@@ -24,11 +23,7 @@ LENGTHS = [128, 77, 250, 1, 75, 32]
 HEADS, DIM = 4, 32
 
 
-@pytest.fixture(autouse=True)
-def _fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def inputs(dtype, lengths=LENGTHS, heads=HEADS, kv_heads=None, kv_lengths=None, seed=0):

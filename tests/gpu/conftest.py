@@ -21,11 +21,8 @@ def device():
 
 
 @pytest.fixture(autouse=True)
-def _fresh_dynamo():
+def _fresh_dynamo(fresh_dynamo):
     """Each test compiles from scratch, so recompile counts and generated code are its own."""
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
 
 
 def pytest_configure(config):
