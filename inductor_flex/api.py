@@ -257,23 +257,17 @@ def _full_block_mask(q_len: int, kv_len: int, device: torch.device) -> BlockMask
 
     Under compile the lengths may be symbolic, and any tensor whose size is a block count
     makes Dynamo guard on whether that count is 1 (a recompile when a length crosses 128).
-    So on the CPU each side then gets one spare block row and one spare index column that
-    no count reaches, keeping every size provably at least 2, and the rows are materialized
+    So each side then gets one spare block row and one spare index column that no count
+    reaches, keeping every size provably at least 2, and the rows are materialized
     (O(blocks^2) int32, as any block mask of that size). Dynamo reads a traced length as a
-    plain int, so whether we compile is the test.
-
-    CUDA keeps the stride-0 layout for now (one recompile at 128; issue #16 section 4):
-    with spare rows the fused CUDA forward under dynamic=True gave wrong outputs and an
-    illegal address on the H200. The cause, found in Triton's interpreter: a symbolic
-    stride that is a sum (``1 + ceil(S / 128)``) was pasted unparenthesised after ``*`` in
-    the templates, now rendered as one operand (``lowering/template_kernel.py``); the spare
-    layout then runs right there, forward and backward. CUDA switches once that is
-    confirmed on the GPU.
+    plain int, so whether we compile is the test. (Symbolic strides such as
+    ``1 + ceil(S / 128)`` that this layout produces are why the templates render each
+    stride as one parenthesised operand: ``lowering/template_kernel.py``.)
     """
     block = _DEFAULT_SPARSE_BLOCK_SIZE
     q_blocks = -(-q_len // block)
     kv_blocks = -(-kv_len // block)
-    spare = 1 if torch.compiler.is_compiling() and torch.device(device).type == "cpu" else 0
+    spare = 1 if torch.compiler.is_compiling() else 0
 
     def side(rows, cols):
         no_partial = torch.zeros((1, 1, rows + spare), dtype=torch.int32, device=device)

@@ -404,7 +404,5 @@ def test_dynamic_default_mask_across_block_boundaries(device):
     _default_mask_across_block_boundaries(device)
 
 
-@pytest.mark.xfail(strict=True, reason="issue #16 section 4, open on CUDA: the default mask "
-                   "recompiles once when a length crosses 128 (api._full_block_mask)")
 def test_dynamic_default_mask_one_frame_across_block_boundaries(device):
     assert _default_mask_across_block_boundaries(device) == 1
