@@ -298,8 +298,8 @@ def attention_problem(query, key, value, mods: Sequence, sparse_q_block, sparse_
         raise Declined("query, key and value dtypes differ")
     if not all(isinstance(mod, ir.Subgraph) for mod in mods):
         raise Declined("a mod that is not a graph cannot be inlined")
-    if any(not isinstance(b, ir.IRNode) for b in buffers):
-        raise Declined("a mod captures a symbolic scalar: no kernel argument carries it yet")
+    if any(not isinstance(b, (ir.IRNode, sympy.Expr, int)) for b in buffers):
+        raise Declined("a mod captures something that is neither a tensor nor an integer")
     sparse_q_block = static_int(sparse_q_block)
     sparse_kv_block = static_int(sparse_kv_block)
     if sparse_q_block is None or sparse_kv_block is None:

@@ -99,7 +99,38 @@ def default_mask_dynamic_across_block_boundaries():
     assert counter.frame_count == 1, counter.frame_count
 
 
-CASES = {f.__name__: f for f in (default_mask_dynamic_across_block_boundaries, gqa4_one_token_ragged, gqa5_four_tokens_causal_alibi,
+def captured_ints_become_kernel_arguments():
+    # Under dynamic=True an int a mod captures turns symbolic once it changes (Dynamo's
+    # automatic dynamic); the kernels take it as an argument instead of declining to the
+    # dense path (the forced backends raise if they decline). Decode: a causal offset;
+    # fused forward and backward: a score_mod shift. No recompile at the third value.
+    def shifted(offset):
+        def score_mod(score, b, h, q_idx, kv_idx):
+            return score + 0.01 * (q_idx + offset - kv_idx)
+        return score_mod
+
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=True)
+    for kv_len in (300, 301, 520):
+        q, k, v = qkv("cpu", torch.float16, B=2, Hq=8, Hkv=2, M=1, N=kv_len, seed=kv_len)
+        mask = create_block_mask(causal_at(kv_len - 1), None, None, 1, kv_len, device="cpu")
+        with torch._dynamo.config.patch(error_on_recompile=kv_len == 520):
+            check_against_golden(q, k, v, compiled=compiled, enable_gqa=True, block_mask=mask,
+                                 kernel_options=DECODE)
+    torch._dynamo.reset()
+    compiled = torch.compile(flex_attention, dynamic=True)
+    triton_only = {"BACKEND": "TRITON"}
+    for offset in (3, 5, 9):
+        q, k, v = qkv("cpu", torch.float16, B=1, Hq=2, M=130, N=130, seed=offset)
+        with torch._dynamo.config.patch(error_on_recompile=offset == 9):
+            check_against_golden(q, k, v, compiled=compiled, score_mod=shifted(offset),
+                                 kernel_options=triton_only)
+            check_grads_against_golden(q, k, v, compiled=compiled, score_mod=shifted(offset),
+                                       kernel_options=triton_only)
+
+
+CASES = {f.__name__: f for f in (captured_ints_become_kernel_arguments,
+                                  default_mask_dynamic_across_block_boundaries, gqa4_one_token_ragged, gqa5_four_tokens_causal_alibi,
                                   per_head_mask_sixteen_tokens_softcap, rows_that_see_nothing,
                                   split_kv_option)}
 

@@ -105,11 +105,12 @@ def test_compiled_builder_without_host_sync_and_without_recompiling(device):
     block_mask_module._FUSED_BACKEND, block_mask_module._fused_builders = counter, type(saved_builders)()
     try:
         create_block_mask(document_mask_of(random_document_ids(total, 1, device)), None, None, total, total,
-                          device=device)  # compiles
+                          device=device, _compile=True)  # compiles
         for seed in (2, 3):
             ids = random_document_ids(total, seed, device)
             with no_host_sync():
-                got = create_block_mask(document_mask_of(ids), None, None, total, total, device=device)
+                got = create_block_mask(document_mask_of(ids), None, None, total, total, device=device,
+                                        _compile=True)
             expected = create_block_mask(document_mask_of(ids.cpu()), None, None, total, total, device="cpu")
             assert_same_lists(expected, on_cpu(got))
         assert counter.frame_count == 1
