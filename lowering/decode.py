@@ -86,17 +86,16 @@ def _split_count(options, device, batch, head_groups, kv_len, sparse_kv_block) -
     return decode_splits(multiprocessor_count(device), programs, kv_blocks)
 
 
-# Whether BACKEND="AUTO" may pick the decode kernel. Off until its GPU tests pass in full
-# (issue #18: on the H200 its numerics cases for Q_LEN 1-64, GQA groups 1/4/5 and every
-# dtype passed, the rest of the file has not run); BACKEND="TRITON_DECODE" forces it.
-# tests/gpu/test_decode_kernel.py switches it on.
-ENABLED = False
+# Whether BACKEND="AUTO" may pick the decode kernel (a switch for comparisons: on since
+# tests/gpu/test_decode_kernel.py passed in full on the H200, issue #18, and
+# benchmarks/bench_decode.py measured it faster than the fused forward at every shape).
+ENABLED = True
 
 
 def _decline_when_not_decoding(options, problem) -> None:
     if options.backend() == "AUTO" and not ENABLED:
-        raise Declined("off for BACKEND='AUTO' until proven on the GPU (lowering/decode.ENABLED, "
-                       "issue #18); BACKEND='TRITON_DECODE' forces it")
+        raise Declined("switched off for BACKEND='AUTO' (lowering/decode.ENABLED); "
+                       "BACKEND='TRITON_DECODE' forces it")
     # A training graph that reads lse is (as far as the lowering can tell) saving it for the
     # backward: AUTO leaves that call to the fused forward, whose tiles the fused backward
     # mirrors. A forced TRITON_DECODE serves it (its out and lse are the forward's contract).

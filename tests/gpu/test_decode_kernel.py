@@ -25,14 +25,6 @@ DECODE_MARK = "inductor_flex decode"      # the decode template's header comment
 FORWARD_MARK = "inductor_flex forward"    # the fused forward's
 
 
-@pytest.fixture(autouse=True)
-def _decode_enabled(monkeypatch):
-    """These tests prove the decode kernel, including BACKEND="AUTO" picking it."""
-    from inductor_flex.lowering import decode
-
-    monkeypatch.setattr(decode, "ENABLED", True)
-
-
 def mask_kwargs(name, q_len, kv_len, device):
     offset = kv_len - q_len  # the query tokens are the last ones of the sequence
     if name == "full":
