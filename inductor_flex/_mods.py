@@ -67,9 +67,11 @@ def batchable(graph_module: Callable) -> Callable:
     return graph_module if rewritten is None else rewritten
 
 
-def _nest_vmaps(fn: Callable, has_score: bool, num_buffers: int) -> Callable:
+def _nest_vmaps(fn: Callable, has_score: bool, num_buffers: int, has_grad: bool = False) -> Callable:
     # Positions of b, h, q_idx, kv_idx in the mod's argument list.
     first_index = 1 if has_score else 0
+    # A score gradient function takes the incoming gradient after the indices.
+    after_indices = (0,) if has_grad else ()
     buffers = (None,) * num_buffers
     # Innermost first: kv_idx, then q_idx, h, b. The score (when present) is batched at
     # every level, one grid dimension peeled off per level from the outside in.
@@ -78,7 +80,7 @@ def _nest_vmaps(fn: Callable, has_score: bool, num_buffers: int) -> Callable:
         in_dims[first_index + index_position] = 0
         if has_score:
             in_dims[0] = 0
-        fn = torch.vmap(fn, in_dims=tuple(in_dims) + buffers, out_dims=0)
+        fn = torch.vmap(fn, in_dims=tuple(in_dims) + after_indices + buffers, out_dims=0)
     return fn
 
 
@@ -125,6 +127,20 @@ def score_mod_grid(score_mod: Callable, scores: Tensor, b: Tensor, h: Tensor, q_
     """``score_mod`` applied to ``scores [B, H, Q, KV]`` at the matching index vectors."""
     grid = _nest_vmaps(batchable(score_mod), has_score=True, num_buffers=len(buffers))
     out = grid(scores, *_grid_indices(b, h, q_idx, kv_idx), *buffers)
+    return torch.as_tensor(out, device=scores.device).expand(scores.shape)
+
+
+def score_gradient_grid(score_gradient: Callable, scores: Tensor, b: Tensor, h: Tensor,
+                        q_idx: Tensor, kv_idx: Tensor, grads: Tensor,
+                        buffers: Sequence[Tensor] = ()) -> Tensor:
+    """A score gradient function, called per position as ``(score, b, h, q_idx, kv_idx,
+    grad, *buffers)`` (``ops.backward.score_gradient_graph``), over ``scores`` and ``grads``
+    ``[B, H, Q, KV]`` at the matching index vectors."""
+    grid = _nest_vmaps(batchable(score_gradient), has_score=True, num_buffers=len(buffers),
+                       has_grad=True)
+    out = grid(scores, *_grid_indices(b, h, q_idx, kv_idx), grads, *buffers)
+    if isinstance(out, (tuple, list)):
+        (out,) = out  # a reduced joint graph returns (grad_score,)
     return torch.as_tensor(out, device=scores.device).expand(scores.shape)
 
 

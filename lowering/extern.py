@@ -33,7 +33,6 @@ in the query's memory order, gradients in their inputs' layouts), and the real
 implementations return those layouts too, since Inductor checks the strides of extern
 outputs.
 """
-import logging
 import math
 import importlib
 from typing import Callable, Optional, Sequence
@@ -45,7 +44,7 @@ from torch.fx.graph import _custom_builtins
 
 from inductor_flex import _compat
 from inductor_flex._block_lists import OperatorBlockMask
-from inductor_flex._mods import batchable, identity_score_mod, score_mod_grid
+from inductor_flex._mods import batchable, identity_score_mod
 from inductor_flex.ops.backward import (
     in_layouts_of_inputs,
     match_layout,
@@ -53,6 +52,7 @@ from inductor_flex.ops.backward import (
     with_score_gradient,
 )
 from inductor_flex.ops._shared import as_leaf_kernel, empty_in_layout_of, joint_graph_buffer_grads
+from inductor_flex.ops.fused_tiles import FusedTiles, TileKernels
 
 from .subgraphs import is_identity_score_mod
 
@@ -209,48 +209,22 @@ def bound_mod(source: str, constants: Sequence[Tensor]) -> Callable:
     return with_constants
 
 
-# A score tile at least this large (B x H x rows x columns) gets the fused score_mod; below
-# it the one-off compile (seconds) is not worth it.
-FUSED_SCORE_MOD_MIN_ELEMENTS = 1 << 20
-log = logging.getLogger("inductor_flex")
+_tile_kernels: dict[tuple[str, str], TileKernels] = {}
 
 
-class FusedScoreMod:
-    """``score_mod_grid`` for one score_mod source as one Inductor-compiled CPU kernel.
-
-    ``torch.compile`` (dynamic shapes: one compile serves every tile width) of the same
-    vmapped grid evaluation, so every op of the mod runs in one pass over the tile instead
-    of one ATen op (and one pass) each. Compiled on the first tile of at least
-    FUSED_SCORE_MOD_MIN_ELEMENTS; smaller tiles, and every tile after a failed compile
-    (logged at debug level), take the plain vmap path.
-    """
-
-    def __init__(self):
-        self.failed = False
-        self.compiled = torch.compile(score_mod_grid, dynamic=True, fullgraph=True)
-
-    def __call__(self, score_mod, scores, b, h, q_idx, kv_idx, buffers=()):
-        if not self.failed and scores.numel() >= FUSED_SCORE_MOD_MIN_ELEMENTS:
-            try:
-                return self.compiled(score_mod, scores, b, h, q_idx, kv_idx, tuple(buffers))
-            except Exception as error:  # any compile failure: the exact vmap path serves
-                self.failed = True
-                log.debug("inductor_flex: fused score_mod not compiled, vmap serves: %s", error)
-        return score_mod_grid(score_mod, scores, b, h, q_idx, kv_idx, buffers)
-
-
-_fused_score_mods: dict[str, FusedScoreMod] = {}
-
-
-def fused_score_mod(source: str) -> Optional[FusedScoreMod]:
-    """The ``FusedScoreMod`` of a score_mod source (one per text); None for the identity
-    (empty source), which needs no kernel."""
-    if not source:
-        return None
-    fused = _fused_score_mods.get(source)
-    if fused is None:
-        fused = _fused_score_mods[source] = FusedScoreMod()
-    return fused
+def fused_tiles(score_mod_source: str, score_mod_constants: Sequence[Tensor] = (),
+                score_gradient_source: str = "",
+                score_gradient_constants: Sequence[Tensor] = ()) -> FusedTiles:
+    """The dense kernels' fused tile kernels for one call (CPU): ``TileKernels`` compiled
+    once per (score_mod source, score gradient source), an empty source being the identity
+    (or, for the gradient, the score_mod's own vjp), bound to the call's lifted constants."""
+    key = (score_mod_source, score_gradient_source)
+    kernels = _tile_kernels.get(key)
+    if kernels is None:
+        kernels = _tile_kernels[key] = TileKernels(
+            mod_from_source(score_mod_source) if score_mod_source else None,
+            mod_from_source(score_gradient_source) if score_gradient_source else None)
+    return FusedTiles(kernels, score_mod_constants, score_gradient_constants)
 
 
 def merged_buffers(tensors: Sequence[Tensor], scalars: Sequence[int],
@@ -288,11 +262,11 @@ def dense_forward(query: Tensor, key: Tensor, value: Tensor, kv_num_blocks: Tens
     score_mod = bound_mod(score_mod_source, score_mod_constants)
     score_mod_buffers = merged_buffers(score_mod_tensors, score_mod_scalars, score_mod_is_tensor)
     mask_mod_buffers = merged_buffers(mask_mod_tensors, mask_mod_scalars, mask_mod_is_tensor)
-    on_tile = fused_score_mod(score_mod_source) if query.device.type == "cpu" else None
+    fused = fused_tiles(score_mod_source, score_mod_constants) if query.device.type == "cpu" else None
     with as_leaf_kernel():
         out, lse, max_scores = dense_attention(query, key, value, score_mod, block_mask, scale,
                                                score_mod_buffers, mask_mod_buffers,
-                                               score_mod_on_tile=on_tile)
+                                               fused_tiles=fused)
     return match_layout(out, query), lse.contiguous(), max_scores.contiguous()
 
 
@@ -343,11 +317,15 @@ def dense_backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor, logsu
             score_mod, bound_mod(score_gradient_source, score_gradient_constants))
     score_mod_buffers = merged_buffers(score_mod_tensors, score_mod_scalars, score_mod_is_tensor)
     mask_mod_buffers = merged_buffers(mask_mod_tensors, mask_mod_scalars, mask_mod_is_tensor)
+    fused = None
+    if query.device.type == "cpu":
+        fused = fused_tiles(score_mod_source, score_mod_constants, score_gradient_source,
+                            score_gradient_constants)
     with as_leaf_kernel():
         grads = dense_attention_backward(
             query, key, value, out, logsumexp, grad_out, grad_logsumexp, score_mod, block_mask,
             scale, score_mod_buffers, mask_mod_buffers,
-            buffers_requiring_grad=list(buffers_requiring_grad))
+            buffers_requiring_grad=list(buffers_requiring_grad), fused_tiles=fused)
     grad_query, grad_key, grad_value, grad_buffers = in_layouts_of_inputs(
         grads, query, key, value, score_mod_buffers)
     kept = [g for g, needed in zip(grad_buffers, buffers_requiring_grad) if needed]

@@ -395,12 +395,13 @@ def test_batchable_rewrites_a_copy_once():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_large_tiles_take_the_fused_score_mod(dtype):
-    """Score tiles of at least FUSED_SCORE_MOD_MIN_ELEMENTS run the score_mod as one
-    Inductor-compiled kernel (lowering/extern.FusedScoreMod): a learned ALiBi-style bias (a
-    captured buffer) and a tanh soft-cap; numerics within the error-ratio rule of eager."""
+    """Calls of at least FUSED_TILES_MIN_SCORES scores run each tile's score_mod, mask and
+    softmax as one Inductor-compiled kernel (ops/fused_tiles.py): a learned ALiBi-style
+    bias (a captured buffer) and a tanh soft-cap; numerics within the error-ratio rule of
+    eager."""
     from inductor_flex.lowering import extern
 
-    heads, seq, dim = 8, 1024, 16  # tiles of 8 x 128 x 1024 = 2**20 scores
+    heads, seq, dim = 8, 1024, 16  # 2**23 scores
     generator = torch.Generator().manual_seed(3)
     query, key, value = (torch.randn(1, heads, seq, dim, generator=generator).to(dtype)
                          for _ in range(3))
@@ -409,10 +410,10 @@ def test_large_tiles_take_the_fused_score_mod(dtype):
     def alibi_softcap(score, b, h, q_idx, kv_idx):
         return 20.0 * torch.tanh((score + slopes[h] * (kv_idx - q_idx) / 64.0) / 20.0)
 
-    extern._fused_score_mods.clear()
+    extern._tile_kernels.clear()
     compiled = torch.compile(flex_attention)(query, key, value, score_mod=alibi_softcap)
-    fused = list(extern._fused_score_mods.values())
-    assert len(fused) == 1 and not fused[0].failed
+    kernels = list(extern._tile_kernels.values())
+    assert len(kernels) == 1 and not kernels[0]._forward.failed
     eager = flex_attention(query, key, value, score_mod=alibi_softcap)
     exact, _ = naive_attention(query, key, value, alibi_softcap, lambda b, h, q, kv: q >= 0,
                                1.0 / math.sqrt(dim))

@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .._block_lists import OperatorBlockMask, listed_to_dense
 from .._mods import identity_score_mod, mask_mod_tiles, score_mod_at, score_mod_grid
+from .fused_tiles import FusedTiles
 from .._compat import cpu_has_bfloat16_matmul_units
 from ._shared import empty_in_layout_of  # the fake registrations use it too: strides agree
 
@@ -117,12 +118,16 @@ class _Tile:
             return tensor[:, :, self.kv_slice]
         return tensor.index_select(2, self.kv_idx)
 
-    def scatter_add(self, acc: Tensor, values: Tensor) -> None:
-        """``acc [B, H, N, X]`` += ``values`` at the tile's kv positions."""
-        if self.kv_slice is not None:
-            acc[:, :, self.kv_slice] += values
+    def add_product(self, acc: Tensor, left: Tensor, right: Tensor) -> None:
+        """``acc [B, H, N, X]`` += ``left @ right`` at the tile's kv positions. A slice of
+        ``acc`` takes the product in place (the matmul accumulates into it), without a
+        product-sized temporary and a second pass to add it."""
+        if self.kv_slice is not None and left.shape[:2] == acc.shape[:2]:
+            acc[:, :, self.kv_slice].flatten(0, 1).baddbmm_(left.flatten(0, 1), right.flatten(0, 1))
+        elif self.kv_slice is not None:
+            acc[:, :, self.kv_slice] += torch.matmul(left, right)
         else:
-            acc.index_add_(2, self.kv_idx, values)
+            acc.index_add_(2, self.kv_idx, torch.matmul(left, right))
 
     def drop_masked(self, grid: Tensor, fill: float) -> None:
         """Set the dropped scores of ``grid [B, Hq, rows, columns]`` to ``fill``, in place."""
@@ -134,6 +139,21 @@ class _Tile:
         else:
             part = grid[..., self.masked_columns]
             grid[..., self.masked_columns] = torch.where(self.keep, part, fill)
+
+    def kernel_mask(self, columns: int, dtype: torch.dtype) -> Optional[Tensor]:
+        """The kept scores as a ``dtype`` tile of 1s and 0s over all ``columns``, for a
+        fused tile kernel (``fused_tiles``), with batch and head dims of size 1 where the
+        mask is the same for all; None when nothing is masked. (Floats, not bools: Inductor's
+        C++ kernels load a float mask as a vector, a bool one an element at a time.)"""
+        if self.keep is None:
+            return None
+        keep = self.keep
+        for dim in (0, 1):
+            if keep.stride(dim) == 0:
+                keep = keep.narrow(dim, 0, 1)
+        tile = torch.ones(keep.shape[:-1] + (columns,), dtype=dtype, device=keep.device)
+        tile[..., self.masked_columns] = keep.to(dtype)
+        return tile
 
     def keep_everywhere(self, shape) -> Tensor:
         """bool ``shape`` (the whole tile) of the kept scores."""
@@ -185,8 +205,7 @@ class _Problem:
 
     def __init__(self, query: Tensor, key: Tensor, value: Tensor, score_mod: Callable,
                  block_mask: tuple, scale: float, score_mod_buffers: Sequence[Tensor],
-                 mask_mod_buffers: Sequence[Tensor], chunk_size: Optional[int], budget: int,
-                 score_mod_on_tile: Optional[Callable] = None):
+                 mask_mod_buffers: Sequence[Tensor], chunk_size: Optional[int], budget: int):
         batch, q_heads, q_len, _ = query.shape
         kv_batch, kv_heads, kv_len, _ = key.shape
         self.device = query.device
@@ -200,13 +219,15 @@ class _Problem:
         # float32 and rounds once, as the float32 product of the rounded P then rounded
         # does, in a third of the time (docs/kernels.md, CPU section).
         self.bfloat16_value = value if _native_bfloat16_matmul(query) else None
+        # P as P @ V takes it: bfloat16 (that cast rounds), or the working dtype rounded to
+        # the input's half-precision dtype (None: no rounding).
+        self.probs_dtype = self.dtype if self.bfloat16_value is None else torch.bfloat16
+        self.probs_round = None if self.bfloat16_value is not None else self.operand_dtype
         self.scale = float(scale)
         self.score_mod = score_mod
         self.score_mod_buffers = tuple(score_mod_buffers)
         # No score_mod: no vmap, no vjp, the raw scores are the scores.
         self.identity_score = score_mod is identity_score_mod
-        # Called as score_mod_grid is, in its place (the compiled path's fused kernel).
-        self.score_mod_on_tile = score_mod_grid if score_mod_on_tile is None else score_mod_on_tile
         self.mask_mod_buffers = tuple(mask_mod_buffers)
         mask = OperatorBlockMask(*block_mask)
         self.q_block_size, self.kv_block_size = mask.q_block_size, mask.kv_block_size
@@ -348,7 +369,7 @@ class _Problem:
                score_mod_buffers: Sequence[Tensor]) -> Tensor:
         if self.identity_score:
             return raw_grid
-        modified = self.score_mod_on_tile(self.score_mod, raw_grid, self.batch_idx, self.head_idx, q_idx,
+        modified = score_mod_grid(self.score_mod, raw_grid, self.batch_idx, self.head_idx, q_idx,
                                   kv_idx, score_mod_buffers)
         # A mod mixing in a float64 tensor (or an int result) would promote; scores stay in
         # the working dtype.
@@ -382,6 +403,22 @@ class _Problem:
             probs.masked_fill_(empty, 0.0)
             lse.masked_fill_(empty, -math.inf)
         return probs, row_max, lse
+
+    def fused_softmax_parts(self, fused: FusedTiles, raw_grid: Tensor, tile: _Tile,
+                            q_idx: Tensor):
+        """``softmax_parts`` of the raw scores through the fused forward kernel, probs
+        already as ``P @ V`` takes them (``probs_operand``); None when the kernel is not
+        available."""
+        parts = fused.forward(raw_grid, self.batch_idx, self.head_idx, q_idx, tile.kv_idx,
+                              self.score_mod_buffers, tile.kernel_mask(raw_grid.shape[-1], self.dtype),
+                              self.probs_dtype, self.probs_round)
+        return None if parts is None else tuple(map(self.stacking.to_rows, parts))
+
+    def probs_operand(self, probs: Tensor) -> Tensor:
+        """``probs`` (working dtype, the caller's) as ``P @ V`` takes it."""
+        if self.bfloat16_value is not None:
+            return probs.to(torch.bfloat16)
+        return _round_in_place(probs, self.operand_dtype)
 
     def rows_to_stat(self, stacked: Tensor, chunk: int) -> Tensor:
         """``[Bx, Hkv, R, 1]`` -> ``[B, Hq, chunk]``."""
@@ -424,14 +461,14 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callab
                     score_mod_other_buffers: Sequence[Tensor] = (),
                     mask_mod_other_buffers: Sequence[Tensor] = (), *,
                     chunk_size: Optional[int] = None,
-                    score_mod_on_tile: Optional[Callable] = None) -> Tuple[Tensor, Tensor, Tensor]:
+                    fused_tiles: Optional[FusedTiles] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """Exact forward of the attention operator.
 
     Arguments follow the operator (docs/internals.md), without kernel_options: ``block_mask``
     is the block mask tuple. ``chunk_size`` overrides the number of query rows processed at
     once (default: see ``default_chunk_rows``); the result does not depend on it.
-    ``score_mod_on_tile``, if given, replaces ``_mods.score_mod_grid`` (same arguments) for
-    the score tiles: the compiled path passes a fused kernel (``lowering/extern.py``).
+    ``fused_tiles``, if given (the compiled CPU path, ``lowering/extern.py``), does each
+    tile's work between the two matmuls in one compiled kernel, on calls large enough.
 
     Returns ``out [B, Hq, M, Ev]`` in the query's dtype and memory order, and ``lse`` and
     ``max_scores`` ``[B, Hq, M]`` in float32 (also for float64 inputs, per the contract).
@@ -449,9 +486,12 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callab
         return out, lse, max_scores
 
     problem = _Problem(query, key, value, score_mod, block_mask, scale, score_mod_other_buffers,
-                       mask_mod_other_buffers, chunk_size, DEFAULT_SCORE_ELEMENTS_PER_CHUNK,
-                       score_mod_on_tile)
+                       mask_mod_other_buffers, chunk_size, DEFAULT_SCORE_ELEMENTS_PER_CHUNK)
     stacking = problem.stacking
+    # Without a score_mod, ATen's softmax is as fast as the fused kernel.
+    if fused_tiles is not None and (problem.identity_score or not FusedTiles.worth_it(
+            batch, q_heads, q_len, key.shape[2])):
+        fused_tiles = None
     for start, stop in problem.chunks():
         chunk = stop - start
         q_idx = torch.arange(start, stop, device=query.device)
@@ -462,18 +502,23 @@ def dense_attention(query: Tensor, key: Tensor, value: Tensor, score_mod: Callab
             max_scores[:, :, start:stop] = -math.inf
             continue
         _, raw = problem.raw_scores(query[:, :, start:stop], tile.gather(problem.key))
-        modified = problem.modify(stacking.to_grid(raw, chunk), q_idx, tile.kv_idx,
-                                  problem.score_mod_buffers)
-        probs, row_max, chunk_lse = problem.softmax_parts(
-            modified, tile, chunk, owned=True)
-        del raw, modified
-        # In float16/bfloat16 the normalised probabilities are rounded before the product,
-        # as the eager recipe does.
-        if problem.bfloat16_value is not None:
-            chunk_out = torch.matmul(probs.to(torch.bfloat16), tile.gather(problem.bfloat16_value))
+        raw_grid = stacking.to_grid(raw, chunk)
+        parts = None
+        if fused_tiles is not None:
+            parts = problem.fused_softmax_parts(fused_tiles, raw_grid, tile, q_idx)
+        if parts is None:
+            modified = problem.modify(raw_grid, q_idx, tile.kv_idx, problem.score_mod_buffers)
+            probs, row_max, chunk_lse = problem.softmax_parts(modified, tile, chunk, owned=True)
+            del modified
+            # In float16/bfloat16 the normalised probabilities are rounded before the
+            # product, as the eager recipe does.
+            probs = problem.probs_operand(probs)
         else:
-            chunk_out = torch.matmul(_round_in_place(probs, problem.operand_dtype),
-                                     tile.gather(problem.value))
+            probs, row_max, chunk_lse = parts
+        del raw, raw_grid
+        value_tile = tile.gather(problem.value if problem.bfloat16_value is None
+                                 else problem.bfloat16_value)
+        chunk_out = torch.matmul(probs, value_tile)
         out[:, :, start:stop] = stacking.to_grid(chunk_out, chunk)
         lse[:, :, start:stop] = problem.rows_to_stat(chunk_lse, chunk)
         max_scores[:, :, start:stop] = problem.rows_to_stat(row_max, chunk)
@@ -484,6 +529,68 @@ def _wants_grad(buffer) -> bool:
     return isinstance(buffer, Tensor) and buffer.is_floating_point() and buffer.requires_grad
 
 
+def _plain_backward_tile(problem: "_Problem", tile: _Tile, chunk: int, q_idx: Tensor,
+                         raw_grid: Tensor, buffers: Sequence, grad_positions: Sequence[int],
+                         wanted_buffers: Sequence[Tensor], grad_out_rows: Tensor,
+                         value_tile: Tensor, row_dot: Tensor, grad_value_acc: Tensor,
+                         lse_rows: Optional[Tensor] = None):
+    """One tile of the backward as separate ops (the vjp by ``torch.func``): adds the
+    tile's dV into ``grad_value_acc``; returns the raw scores' gradient (stacked rows,
+    rounded for its matmuls) and the wanted buffers' gradients. ``lse_rows``: the
+    forward's lse (stacked rows), which gives P directly when there is no score_mod."""
+    stacking = problem.stacking
+
+    def modify(raw, *wanted):
+        return problem.modify(raw, q_idx, tile.kv_idx, _with_wanted(buffers, grad_positions, wanted))
+
+    if problem.identity_score and not wanted_buffers:
+        modified, modify_vjp = raw_grid, lambda grad: (grad,)
+    else:
+        modified, modify_vjp = torch.func.vjp(modify, raw_grid, *wanted_buffers)
+    if lse_rows is not None and modified is raw_grid:
+        # P = exp(raw - lse) in place: the raw scores are not needed again.
+        probs = stacking.to_rows(raw_grid)
+        torch.sub(probs, lse_rows, out=probs).exp_()
+        tile.drop_masked(raw_grid, 0.0)
+        empty = lse_rows == -math.inf
+        if bool(empty.any()):
+            probs.masked_fill_(empty, 0.0)
+    else:
+        probs, _, _ = problem.softmax_parts(modified, tile, chunk, owned=False)
+    del modified
+    # d loss / d probs, then through the softmax: p * (dP - rowsum(p * dP) + dlse).
+    grad_scores = torch.matmul(grad_out_rows, value_tile.transpose(-1, -2))
+    grad_scores.sub_(row_dot).mul_(probs)
+    # Stacked rows already hold the GQA group (and a folded batch): one matmul sums them.
+    # probs is not needed unrounded any more.
+    _round_in_place(probs, problem.operand_dtype)
+    tile.add_product(grad_value_acc, probs.transpose(-1, -2), grad_out_rows)
+    del probs
+
+    grad_scores_grid = stacking.to_grid(grad_scores, chunk)
+    grad_modified_input, *grad_wanted_buffers = modify_vjp(grad_scores_grid)
+    # A dropped score contributes nothing, even where the score_mod (or its
+    # derivative) is not finite there: 0 * NaN would otherwise leak into the sums.
+    if tile.keep is not None:
+        # The vjp's result may be a broadcast view: mask a copy.
+        grad_modified_input = grad_modified_input.contiguous()
+        tile.drop_masked(grad_modified_input, 0.0)
+    if not all(bool(torch.isfinite(g).all()) for g in grad_wanted_buffers):
+        grad_wanted_buffers = _buffer_grads_at_kept_positions(
+            problem, buffers, grad_positions, raw_grid, grad_scores_grid,
+            tile.keep_everywhere(grad_modified_input.shape), wanted_buffers, q_idx,
+            tile.kv_idx)
+    del grad_scores, grad_scores_grid
+    grad_raw = stacking.to_rows(grad_modified_input)
+    if problem.operand_dtype is not None:
+        # The vjp's result may be a view or broadcast: round through a half-size copy,
+        # not in place, and let the full-size original go before widening again.
+        grad_raw = grad_raw.to(problem.operand_dtype)
+        del grad_modified_input
+        grad_raw = grad_raw.to(problem.dtype)
+    return grad_raw, grad_wanted_buffers
+
+
 @torch.no_grad()
 def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Tensor,
                              logsumexp: Tensor, grad_out: Tensor, grad_logsumexp: Optional[Tensor],
@@ -491,7 +598,8 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
                              score_mod_other_buffers: Sequence[Tensor] = (),
                              mask_mod_other_buffers: Sequence[Tensor] = (), *,
                              chunk_size: Optional[int] = None,
-                             buffers_requiring_grad: Optional[Sequence[bool]] = None):
+                             buffers_requiring_grad: Optional[Sequence[bool]] = None,
+                             fused_tiles: Optional[FusedTiles] = None):
     """Exact gradients of ``dense_attention``, chunked over query rows like the forward.
 
     Returns ``(grad_query, grad_key, grad_value, grad_score_mod_buffers)`` with the shapes and
@@ -506,13 +614,16 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
     raw-score gradient dS (before ``dS @ K`` and ``dS^T @ Q``) that the module docstring
     describes; the softmax gradient itself uses the unrounded P, and its row term
     rowsum(dO * out) reads ``out`` (the forward's result, in the input dtype; in float32 and
-    float64 it is exactly P @ V). ``logsumexp`` is accepted to match the
-    operator's signature. The softmax and matmul gradients are
+    float64 it is exactly P @ V). The softmax and matmul gradients are
     written out; the score_mod's own gradient (with respect to its score and its buffers)
     comes from ``torch.func.vjp``, which works whatever the surrounding grad mode or
     dispatch state.
+
+    ``fused_tiles`` (the compiled CPU path, ``lowering/extern.py``), on calls large enough
+    and not in float64, does each tile's elementwise work in one compiled kernel; it reads
+    P as ``exp(score - logsumexp)``, so ``logsumexp`` must then be the forward's. Otherwise
+    ``logsumexp`` is not read.
     """
-    del logsumexp
     buffers = tuple(score_mod_other_buffers)
     if buffers_requiring_grad is None:
         buffers_requiring_grad = [_wants_grad(b) for b in buffers]
@@ -522,6 +633,11 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
     grad_positions = [i for i, wanted in enumerate(buffers_requiring_grad) if wanted]
 
     work = _working_dtype(query.dtype)
+    if fused_tiles is not None and (work == torch.float64 or not FusedTiles.worth_it(
+            query.shape[0], query.shape[1], query.shape[2], key.shape[2])):
+        fused_tiles = None
+    # Without a score_mod, P is exp(raw - lse): one pass, no fused kernel needed.
+    reads_lse = fused_tiles is not None
     # Outputs in their inputs' memory order, as the fake registration promises.
     grad_query = empty_in_layout_of(query, query.shape).zero_()
     grad_key_acc = torch.zeros(key.shape, dtype=work, device=key.device)
@@ -542,23 +658,9 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
                 continue  # nothing kept: zero gradients, as initialised
             key_tile, value_tile = tile.gather(problem.key), tile.gather(problem.value)
             scaled_q_rows, raw = problem.raw_scores(query[:, :, start:stop], key_tile)
-
-            def modify(raw_grid, *wanted_buffers):
-                return problem.modify(raw_grid, q_idx, tile.kv_idx,
-                                      _with_wanted(buffers, grad_positions, wanted_buffers))
-
             raw_grid = stacking.to_grid(raw, chunk)
             wanted_buffers = [buffers[i].detach() for i in grad_positions]
-            if problem.identity_score and not wanted_buffers:
-                modified, modify_vjp = raw_grid, lambda grad: (grad,)
-            else:
-                modified, modify_vjp = torch.func.vjp(modify, raw_grid, *wanted_buffers)
-            probs, _, _ = problem.softmax_parts(modified, tile, chunk, owned=False)
-            del modified
-
             grad_out_rows = stacking.to_rows(grad_out[:, :, start:stop]).to(work)
-            # d loss / d probs, then through the softmax: p * (dP - rowsum(p * dP) + dlse).
-            grad_scores = torch.matmul(grad_out_rows, value_tile.transpose(-1, -2))
             # rowsum(p * dP) = rowsum(dO * (p @ V)) = rowsum(dO * out): the forward's output
             # (in float16/bfloat16 rounded to that dtype, as a fused kernel, which keeps only
             # that output, must read it too), not a [rows, N] product.
@@ -568,41 +670,35 @@ def dense_attention_backward(query: Tensor, key: Tensor, value: Tensor, out: Ten
             if grad_logsumexp is not None:
                 lse_rows = stacking.to_rows(grad_logsumexp[:, :, start:stop].unsqueeze(-1))
                 row_dot = row_dot - lse_rows.to(work)
-            grad_scores.sub_(row_dot).mul_(probs)
-            # Stacked rows already hold the GQA group (and a folded batch): one matmul sums them.
-            # probs is not needed unrounded any more.
-            _round_in_place(probs, problem.operand_dtype)
-            tile.scatter_add(grad_value_acc, torch.matmul(probs.transpose(-1, -2), grad_out_rows))
-            del probs
-
-            grad_scores_grid = stacking.to_grid(grad_scores, chunk)
-            grad_modified_input, *grad_wanted_buffers = modify_vjp(grad_scores_grid)
-            # A dropped score contributes nothing, even where the score_mod (or its
-            # derivative) is not finite there: 0 * NaN would otherwise leak into the sums.
-            if tile.keep is not None:
-                # The vjp's result may be a broadcast view: mask a copy.
-                grad_modified_input = grad_modified_input.contiguous()
-                tile.drop_masked(grad_modified_input, 0.0)
-            if not all(bool(torch.isfinite(g).all()) for g in grad_wanted_buffers):
-                grad_wanted_buffers = _buffer_grads_at_kept_positions(
-                    problem, buffers, grad_positions, raw_grid, grad_scores_grid,
-                    tile.keep_everywhere(grad_modified_input.shape), wanted_buffers, q_idx,
-                    tile.kv_idx)
-            del grad_scores, grad_scores_grid, raw, raw_grid
+            grad_raw = None
+            lse_rows = None
+            if reads_lse:
+                lse_rows = stacking.to_rows(logsumexp[:, :, start:stop].unsqueeze(-1))
+            if fused_tiles is not None and not problem.identity_score:
+                grad_probs = torch.matmul(grad_out_rows, value_tile.transpose(-1, -2))
+                parts = fused_tiles.backward(
+                    raw_grid, problem.batch_idx, problem.head_idx, q_idx, tile.kv_idx, buffers,
+                    grad_positions, wanted_buffers, tile.kernel_mask(raw.shape[-1], work),
+                    stacking.to_grid(lse_rows, chunk), stacking.to_grid(grad_probs, chunk),
+                    stacking.to_grid(row_dot, chunk), problem.operand_dtype)
+                del grad_probs
+                # Non-finite buffer gradients: the plain path sums over kept positions alone.
+                if parts is not None and all(bool(torch.isfinite(g).all()) for g in parts[2]):
+                    probs, grad_raw_grid, grad_wanted_buffers = parts
+                    tile.add_product(grad_value_acc, stacking.to_rows(probs).transpose(-1, -2),
+                                     grad_out_rows)
+                    del probs, parts
+                    grad_raw = stacking.to_rows(grad_raw_grid)
+            if grad_raw is None:
+                grad_raw, grad_wanted_buffers = _plain_backward_tile(
+                    problem, tile, chunk, q_idx, raw_grid, buffers, grad_positions,
+                    wanted_buffers, grad_out_rows, value_tile, row_dot, grad_value_acc, lse_rows)
+            del raw, raw_grid
             for acc, grad in zip(grad_buffer_acc, grad_wanted_buffers):
                 acc += grad
-            # scores = (scale * q_rows) @ key^T: dQ takes the scale on its small product,
-            # dK has it in the scaled rows.
-            grad_raw = stacking.to_rows(grad_modified_input)
-            if problem.operand_dtype is not None:
-                # The vjp's result may be a view or broadcast: round through a half-size copy,
-                # not in place, and let the full-size original go before widening again.
-                grad_raw = grad_raw.to(problem.operand_dtype)
-                del grad_modified_input
-                grad_raw = grad_raw.to(work)
             grad_query[:, :, start:stop] = stacking.to_grid(
                 torch.matmul(grad_raw, key_tile).mul_(problem.scale), chunk).to(query.dtype)
-            tile.scatter_add(grad_key_acc, torch.matmul(grad_raw.transpose(-1, -2), scaled_q_rows))
+            tile.add_product(grad_key_acc, grad_raw.transpose(-1, -2), scaled_q_rows)
 
     def in_layout_of(like: Tensor, accumulated: Tensor) -> Tensor:
         return empty_in_layout_of(like, like.shape).copy_(accumulated)
