@@ -34,9 +34,10 @@ import torch
 from inductor_flex import _mask_patterns
 
 PATTERNS = (_mask_patterns.FULL, _mask_patterns.CAUSAL)
-# Off until the candidates are proven on the GPU (issue #23): only the aten ops themselves
-# have run there, called directly. GPU tests marked ``vendor`` switch it on.
-ENABLED = False
+# A switch for comparisons (on: tests/gpu/test_vendor_sdpa.py passed on the H200 and
+# benchmarks/bench_{forward,backward}.py --triton-column measured the vendor faster than our
+# kernel on full / causal). Other GPU tests take the vendors out (tests/gpu/conftest.py).
+ENABLED = True
 VENDORS = ("cudnn", "flash")
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 # Head dims each op takes (multiples of 8; cuDNN's SDPA graphs to 128 on every generation).
@@ -323,7 +324,7 @@ def _qualify(query, key, value, score_mod, block_mask, scale, kernel_options, bu
     from .subgraphs import is_identity_score_mod
 
     if not ENABLED:
-        raise Declined("off until proven on the GPU (lowering/vendor.ENABLED, issue #23)")
+        raise Declined("switched off (lowering/vendor.ENABLED)")
     mask = OperatorBlockMask(*block_mask)
     # Read directly, never through the FWD_/BWD_ reader: only flex_attention sets it.
     pattern = (kernel_options or {}).get(_mask_patterns.PATTERN_KEY)

@@ -37,7 +37,7 @@ def _fused_kernels_only(request, monkeypatch):
     from inductor_flex.lowering import dispatch, vendor
 
     if request.node.get_closest_marker("vendor") is not None:
-        monkeypatch.setattr(vendor, "ENABLED", True)  # off by default until GPU-proven
+        monkeypatch.setattr(vendor, "ENABLED", True)  # (the default; a switch for comparisons)
         return
 
     for name in ("FORWARD", "BACKWARD"):
