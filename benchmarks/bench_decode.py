@@ -112,6 +112,9 @@ def run_shape(name, shape, args, rows, report):
         # SDPA decodes densely: the whole cache, with the window as a dense mask if any.
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True),
     }
+    for i, options in enumerate(args.sweep):  # ours with each given kernel_options
+        candidates[f"sweep{i}"] = (lambda o: lambda: ours(q, k, v, block_mask=ours_mask, enable_gqa=True,
+                                                          kernel_options=o))(options)
     if args.paged:
         try:
             paged = paged_case(q, k, v, mask_mod)
@@ -156,7 +159,11 @@ def main(argv=None) -> int:
     parser.add_argument("--paged", action="store_true", help="add the PagedAttention column")
     parser.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--sweep", default="[]",
+                        help='JSON list of kernel_options for extra "ours" columns, e.g. '
+                             '\'[{"SPLIT_KV": 128}, {"BLOCK_N": 128}]\' (tuning the split count)')
     args = parser.parse_args(argv)
+    args.sweep = json.loads(args.sweep)
     if not torch.cuda.is_available():
         print("bench_decode: needs a CUDA GPU", file=sys.stderr)
         return 2
@@ -168,7 +175,10 @@ def main(argv=None) -> int:
         log(f"{name} ...")
         run_shape(name, shape, args, rows, report)
 
-    impls = ["ours", "fwd", "pt", "sdpa"] + (["paged"] if args.paged else [])
+    impls = (["ours", "fwd", "pt", "sdpa"] + (["paged"] if args.paged else [])
+             + [f"sweep{i}" for i in range(len(args.sweep))])
+    for i, options in enumerate(args.sweep):
+        print(f"sweep{i}: kernel_options={options}")
     headers = ["shape"] + [f"{i} GB/s" for i in impls] + ["sdpa time/ours", "pt time/ours"]
     table = [[r["shape"]] + [fmt(r, f"{i}_GBps", ".0f") for i in impls]
              + [fmt(r, "sdpa_time_over_ours", ".2f"), fmt(r, "pt_time_over_ours", ".2f")]
