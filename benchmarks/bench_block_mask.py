@@ -26,9 +26,14 @@ CUDA cases (``--device cuda``; issue 20's table), one process, B = H = 1 (None):
     serves (B=4, H=16, D=128, bf16), ours and PyTorch's.
 Times are wall-clock medians of synchronised calls after a first call (shown apart: it
 compiles); "peak extra" is ``torch.cuda.max_memory_allocated`` over the allocation before
-the call (result included).
+the call (result included). Each row's timed calls stop once ``--row-budget`` seconds are
+spent (at least one call), a row whose one call is predicted (from the same
+implementation at a smaller size, time ~ tokens**2) to exceed that budget is not run, and
+every row is printed ("row: ...") as soon as it is measured, so a run cut short by a time
+limit still leaves its numbers; the tables follow at the end.
 
 Usage: python benchmarks/bench_block_mask.py [--device cpu|cuda] [--quick] [--smoke] [--threads N]
+       [--row-budget S]
 """
 import argparse
 import json
@@ -125,12 +130,19 @@ def _child(name: str, size: int, repeats: int, threads) -> dict:
 PYTORCH_CUDA_LIMIT_BYTES = 40 << 30
 
 
-def _cuda_measure(build, repeats: int) -> dict:
-    """First call (compiles where it compiles), median of ``repeats`` more synchronised
-    calls, and the peak memory allocated over the allocation before one call."""
+# Wall-clock seconds one CUDA row may spend on its timed calls (after the first call):
+# repeats stop there, and a row predicted to need more for one call is not run.
+CUDA_ROW_BUDGET_S = 5.0
+
+
+def _cuda_measure(build, repeats: int, budget_s=None) -> dict:
+    """First call (compiles where it compiles), then up to ``repeats`` synchronised calls
+    (at least one; no more once ``budget_s``, default the row budget, is spent): their
+    median, and the peak memory allocated over the allocation before the first of them."""
     import gc
     import statistics
 
+    budget_s = CUDA_ROW_BUDGET_S if budget_s is None else budget_s
     torch.cuda.synchronize()
     start = time.perf_counter()
     result = build()
@@ -142,23 +154,34 @@ def _cuda_measure(build, repeats: int) -> dict:
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    result = build()
-    torch.cuda.synchronize()
-    peak_extra = torch.cuda.max_memory_allocated() - before
-    del result
     times = []
-    for _ in range(repeats):
+    spent_since = time.perf_counter()
+    while len(times) < max(1, repeats) and (not times or time.perf_counter() - spent_since < budget_s):
         torch.cuda.synchronize()
         start = time.perf_counter()
         result = build()
         torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
+        if len(times) == 1:
+            peak_extra = torch.cuda.max_memory_allocated() - before
         del result
-    return {"first_s": first, "ms": 1e3 * statistics.median(times), "peak_extra_mb": peak_extra / 2**20}
+    return {"first_s": first, "ms": 1e3 * statistics.median(times), "peak_extra_mb": peak_extra / 2**20,
+            "calls": len(times)}
+
+
+def _cuda_row_cells(r: dict, reference_ms) -> list:
+    """One table line: measured numbers, or the note saying why there are none."""
+    if "ms" not in r:
+        return [r["case"], r["tokens"], r["implementation"], "-", r.get("note", "-"), "-", "-"]
+    ratio = f"{r['ms'] / reference_ms:.2f}" if reference_ms else "-"
+    return [r["case"], r["tokens"], r["implementation"], f"{r['first_s']:.2f}", f"{r['ms']:.3f}",
+            f"{r['peak_extra_mb']:.1f}", ratio]
 
 
 def _cuda_row(table: list, case: str, tokens: int, implementation: str, build, repeats: int,
-              skip_reason: str = "") -> dict:
+              skip_reason: str = "", reference_ms=None) -> dict:
+    """Measure one row, append it to ``table`` and print it at once (so a run cut short
+    still leaves its numbers)."""
     from inductor_flex.bench import free_device_memory, log, one_line
 
     row = dict(case=case, tokens=tokens, implementation=implementation)
@@ -172,7 +195,23 @@ def _cuda_row(table: list, case: str, tokens: int, implementation: str, build, r
             row["note"] = one_line(error)
             free_device_memory("cuda")
     table.append(row)
+    print("row: " + " | ".join(str(c) for c in _cuda_row_cells(row, reference_ms)), flush=True)
     return row
+
+
+def _too_slow(table: list, case: str, implementation: str, tokens: int) -> str:
+    """Why a row is not run (or ""): one call predicted, from this implementation's row at
+    the largest smaller size (time grows with the pairs, tokens**2), to exceed the row
+    budget."""
+    smaller = [r for r in table if r["case"] == case and r["implementation"] == implementation
+               and r["tokens"] < tokens and "ms" in r]
+    if not smaller:
+        return ""
+    last = max(smaller, key=lambda r: r["tokens"])
+    predicted_s = last["ms"] / 1e3 * (tokens / last["tokens"]) ** 2
+    if predicted_s <= CUDA_ROW_BUDGET_S:
+        return ""
+    return f"not run: ~{predicted_s:,.0f} s per call predicted from {last['tokens']} tokens (> {CUDA_ROW_BUDGET_S:.0f} s)"
 
 
 def _document_ids_on(lengths: torch.Tensor, device: str) -> torch.Tensor:
@@ -191,22 +230,30 @@ def run_cuda(smoke: bool, quick: bool) -> list:
     causal_sizes = [1024, 4096] if smoke else [8192, 32768] + ([] if quick else [131072])
     document_sizes = [8192] if smoke else [1 << 16, ONE_M]
     table = []
+    print("row: mask | tokens | implementation | first (s) | median (ms) | peak extra (MB) | ratio", flush=True)
+    # PyTorch _compile=True first: the other rows' ratios are to it, printed as they come.
     builders = {
+        "PyTorch _compile=True": lambda mod, n, **kw: torch_flex.create_block_mask(
+            mod, None, None, n, n, device=device, _compile=True, **kw),
         "ours": lambda mod, n, **kw: inductor_flex.create_block_mask(mod, None, None, n, n, device=device, **kw),
         "ours _compile=True": lambda mod, n, **kw: inductor_flex.create_block_mask(
             mod, None, None, n, n, device=device, _compile=True, **kw),
         "PyTorch": lambda mod, n, **kw: torch_flex.create_block_mask(mod, None, None, n, n, device=device, **kw),
-        "PyTorch _compile=True": lambda mod, n, **kw: torch_flex.create_block_mask(
-            mod, None, None, n, n, device=device, _compile=True, **kw),
     }
 
+    def skip_reason(case, name, size, pytorch_eager):
+        needed = PYTORCH_BYTES_PER_PAIR * size * size
+        if pytorch_eager and needed > PYTORCH_CUDA_LIMIT_BYTES:
+            return f"not run: needs ~{needed / 2**30:,.0f} GiB (~10 B per pair)"
+        return _too_slow(table, case, name, size)
+
     for size in causal_sizes:
+        reference = None
         for name, build in builders.items():
-            needed = PYTORCH_BYTES_PER_PAIR * size * size
-            skip = (f"not run: needs ~{needed / 2**30:,.0f} GiB (~10 B per pair)"
-                    if name == "PyTorch" and needed > PYTORCH_CUDA_LIMIT_BYTES else "")
-            _cuda_row(table, "causal", size, name, lambda build=build, size=size: build(_causal, size),
-                      repeats, skip)
+            row = _cuda_row(table, "causal", size, name, lambda build=build, size=size: build(_causal, size),
+                            repeats, skip_reason("causal", name, size, name == "PyTorch"), reference)
+            if name == "PyTorch _compile=True":
+                reference = row.get("ms")
 
     for size in document_sizes:
         lengths = _document_lengths(size)
@@ -222,13 +269,11 @@ def run_cuda(smoke: bool, quick: bool) -> list:
             return (ids[q_idx] == ids[kv_idx]) & (q_idx >= kv_idx)
 
         for name in ("ours", "PyTorch _compile=True", "PyTorch"):
-            needed = PYTORCH_BYTES_PER_PAIR * size * size
-            skip = ""
-            if name == "PyTorch" and needed > PYTORCH_CUDA_LIMIT_BYTES:
-                skip = f"not run: needs ~{needed / 2**30:,.0f} GiB (~10 B per pair)"
-            _cuda_row(table, "document", size, f"{name} create_block_mask",
+            implementation = f"{name} create_block_mask"
+            _cuda_row(table, "document", size, implementation,
                       lambda build=builders[name], size=size: build(document_causal, size),
-                      1 if size == ONE_M else repeats, skip)
+                      1 if size == ONE_M else repeats,
+                      skip_reason("document", implementation, size, name == "PyTorch"))
     return table
 
 
@@ -263,15 +308,7 @@ def print_cuda(table: list, ratios: list) -> None:
 
     reference = {r["tokens"]: r.get("ms") for r in table
                  if r["case"] == "causal" and r["implementation"] == "PyTorch _compile=True"}
-    lines = []
-    for r in table:
-        against = reference.get(r["tokens"]) if r["case"] == "causal" else None
-        ratio = f"{r['ms'] / against:.2f}" if "ms" in r and against else "-"
-        if "ms" in r:
-            lines.append([r["case"], r["tokens"], r["implementation"], f"{r['first_s']:.2f}", f"{r['ms']:.3f}",
-                          f"{r['peak_extra_mb']:.1f}", ratio])
-        else:
-            lines.append([r["case"], r["tokens"], r["implementation"], "-", r.get("note", "-"), "-", "-"])
+    lines = [_cuda_row_cells(r, reference.get(r["tokens"]) if r["case"] == "causal" else None) for r in table]
     print(f"# {torch.cuda.get_device_name()}  torch {torch.__version__}; ratio = ms / PyTorch _compile=True ms")
     print_markdown(["mask", "tokens", "implementation", "first (s)", "median (ms)", "peak extra (MB)",
                     "ratio"], lines)
@@ -281,12 +318,15 @@ def print_cuda(table: list, ratios: list) -> None:
 
 
 def main() -> None:
+    global CUDA_ROW_BUDGET_S
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--quick", action="store_true", help="skip the 128k causal case")
     parser.add_argument("--smoke", action="store_true",
                         help="CUDA: small sizes and few repeats, to check the command runs")
     parser.add_argument("--json", default=None, help="CUDA: write every row to this file")
+    parser.add_argument("--row-budget", type=float, default=CUDA_ROW_BUDGET_S,
+                        help="CUDA: seconds of timed calls per row; rows predicted to exceed it are skipped")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the measured calls (default: torch's)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
@@ -300,6 +340,7 @@ def main() -> None:
     if args.device == "cuda":
         if not torch.cuda.is_available():
             sys.exit("--device cuda, but torch.cuda.is_available() is False")
+        CUDA_ROW_BUDGET_S = args.row_budget
         table = run_cuda(args.smoke, args.quick)
         ratios = attention_ratio_rows(args.smoke)
         print_cuda(table, ratios)

@@ -38,6 +38,19 @@ def dense_to_listed(dense: Tensor) -> Tuple[Tensor, Tensor]:
     return num_blocks, indices
 
 
+def dense_to_listed_by_sort(dense: Tensor) -> Tuple[Tensor, Tensor]:
+    """``dense_to_listed`` for compiled code: the same lists from a stable sort that puts
+    the True columns first. Under symbolic sizes on CUDA, Inductor 2.11 fails to generate
+    the kernel of ``dense_to_listed``'s scatter (its tiled store into a buffer whose size
+    is a ceil-division of a symbolic length); a sort lowers to a library kernel there (or
+    Inductor's own sort for short rows of known length). O(cols log cols) per row, so the
+    eager paths keep the linear partition."""
+    num_blocks = dense.sum(-1, dtype=torch.int32)
+    unlisted = (~dense).to(torch.int8)
+    indices = torch.sort(unlisted, dim=-1, stable=True).indices.to(torch.int32)
+    return num_blocks, indices
+
+
 def transpose_listed(num_blocks: Tensor, indices: Tensor) -> Tuple[Tensor, Tensor]:
     """The same relation listed from the other side (KV blocks -> query blocks, or back)."""
     dense = listed_to_dense(num_blocks, indices, indices.shape[-1])

@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import _compat, _mask_patterns
-from ._block_lists import dense_to_listed, listed_to_dense, transpose_listed
+from ._block_lists import dense_to_listed, dense_to_listed_by_sort, listed_to_dense, transpose_listed
 from ._mods import mask_mod_grid, score_mod_grid
 
 __all__ = [
@@ -1048,12 +1048,14 @@ def _partial_and_full(any_visible: Tensor, all_visible: Tensor,
     return any_visible, None
 
 
-def _ordered_block_lists(partial: Tensor, full: Optional[Tensor]) -> List[Optional[Tensor]]:
+def _ordered_block_lists(partial: Tensor, full: Optional[Tensor],
+                         listed: Callable = dense_to_listed) -> List[Optional[Tensor]]:
     """The eight block lists, in the operator's order, of bool block matrices
-    ``[b, h, n_q, n_kv]`` (``full`` None: no full blocks, those lists None)."""
+    ``[b, h, n_q, n_kv]`` (``full`` None: no full blocks, those lists None), each listed
+    by ``listed`` (``dense_to_listed`` or, in compiled code, ``dense_to_listed_by_sort``)."""
 
     def ordered(dense: Optional[Tensor]) -> List[Optional[Tensor]]:
-        return [None, None] if dense is None else list(dense_to_listed(dense))
+        return [None, None] if dense is None else list(listed(dense))
 
     transposed_full = None if full is None else full.transpose(-2, -1)
     return [*ordered(partial), *ordered(full), *ordered(partial.transpose(-2, -1)), *ordered(transposed_full)]
@@ -1064,7 +1066,8 @@ def _block_lists_of_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block: int, kv_block: 
     """The eight block lists of ``mask_mod`` over ``[B, H, Q_LEN, KV_LEN]``, as whole-grid
     tensor ops: what a compiled function traces, and what the compiled builder compiles."""
     any_visible, all_visible = _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
-    return _ordered_block_lists(*_partial_and_full(any_visible, all_visible, separate_full))
+    return _ordered_block_lists(*_partial_and_full(any_visible, all_visible, separate_full),
+                                listed=dense_to_listed_by_sort)
 
 
 # --------------------------------------------------------------------------------------
@@ -1099,13 +1102,18 @@ def _fused_builder_key(mask_mod: Callable):
     return getattr(mask_mod, "__code__", None) or type(mask_mod)
 
 
-def _new_fused_builder() -> Callable:
+def _new_fused_builder(static: bool = False) -> Callable:
     """``_block_lists_of_grid`` compiled, on a code object of its own: Dynamo keeps its
     compiled variants per code object, so each mask_mod code gets its own recompile budget
-    (and one mask_mod's variants never evict another's)."""
+    (and one mask_mod's variants never evict another's). ``static``: every length is
+    compiled as a constant (one compile per length, within that budget), the fallback
+    where a compile with symbolic lengths failed."""
     own_code = _block_lists_of_grid.__code__.replace()
     function = types.FunctionType(own_code, _block_lists_of_grid.__globals__, _block_lists_of_grid.__name__)
-    return torch.compile(function, backend=_FUSED_BACKEND, fullgraph=True)
+    compiled = torch.compile(function, backend=_FUSED_BACKEND, fullgraph=True,
+                             dynamic=False if static else None)
+    compiled._static_lengths = static
+    return compiled
 
 
 def _fused_block_lists(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_block: int, kv_block: int,
@@ -1119,7 +1127,9 @@ def _fused_block_lists(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_bloc
     on its code, and passes the tensors it captures as graph inputs, so a new closure over
     new tensors of the same shapes (document ids of the next batch) reuses the compiled
     kernel. Lengths that change are compiled again once, then stay symbolic (Dynamo's
-    automatic dynamic shapes)."""
+    automatic dynamic shapes). Where a compile fails, the builder is compiled again with
+    static lengths and tried at once; only when that fails too is the mask_mod's code
+    left to the eager slabs for good."""
     if _compat.compiled_calls_run_eagerly():
         return None
     key = _fused_builder_key(mask_mod)
@@ -1133,20 +1143,26 @@ def _fused_block_lists(mask_mod, B: int, H: int, Q_LEN: int, KV_LEN: int, q_bloc
         while len(_fused_builders) > _FUSED_BUILDERS_KEPT:
             _fused_builders.popitem(last=False)
     arguments = (mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device, separate_full)
-    try:
-        with _compat.dynamo_raise_on_recompile_limit():
-            return builder(*arguments)
-    except Exception as error:  # any failure: the eager slabs serve, and report real errors
-        if _compat.is_recompile_limit_error(error):
-            # Too many variants of this code (lengths, captured constants): start afresh.
-            _fused_builders[key] = _new_fused_builder()
-            log.debug("create_block_mask: compiled builder for %s reached the recompile limit; "
-                      "renewed, eager slabs this time", _mod_name(mask_mod))
-        else:
+    while True:
+        try:
+            with _compat.dynamo_raise_on_recompile_limit():
+                return builder(*arguments)
+        except Exception as error:  # any failure: the eager slabs serve, and report real errors
+            if _compat.is_recompile_limit_error(error):
+                # Too many variants of this code (lengths, captured constants): start afresh.
+                _fused_builders[key] = _new_fused_builder(builder._static_lengths)
+                log.debug("create_block_mask: compiled builder for %s reached the recompile limit; "
+                          "renewed, eager slabs this time", _mod_name(mask_mod))
+                return None
+            if not builder._static_lengths:
+                builder = _fused_builders[key] = _new_fused_builder(static=True)
+                log.debug("create_block_mask: compiled builder failed for %s; compiling it again with "
+                          "static lengths: %s", _mod_name(mask_mod), error)
+                continue
             _fused_builders[key] = None
-            log.debug("create_block_mask: compiled builder failed for %s, using eager slabs: %s",
+            log.debug("create_block_mask: compiled builder failed for %s, using eager slabs from now on: %s",
                       _mod_name(mask_mod), error)
-        return None
+            return None
 
 
 def _block_mask_from_lists(

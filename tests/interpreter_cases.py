@@ -20,7 +20,7 @@ from torch._inductor.utils import run_and_get_code  # noqa: E402
 
 from flex_check import (  # noqa: E402
     alibi, causal_at, check_against_golden, check_grads_against_golden, qkv, sliding_window_at, softcap)
-from inductor_flex import AuxRequest, create_block_mask, flex_attention  # noqa: E402
+from inductor_flex import AuxRequest, BlockMask, create_block_mask, flex_attention  # noqa: E402
 
 DECODE = {"BACKEND": "TRITON_DECODE"}
 
@@ -129,7 +129,39 @@ def captured_ints_become_kernel_arguments():
                                        kernel_options=triton_only)
 
 
-CASES = {f.__name__: f for f in (captured_ints_become_kernel_arguments,
+def compiled_block_mask_builder_at_three_lengths():
+    # create_block_mask's compiled builder through Inductor's Triton code generation: the
+    # second length compiles with symbolic lengths, the third reuses it (issue 20: on the
+    # H200 the symbolic compile once failed and the builder fell back to eager slabs for
+    # good). Lists equal the eager slabs', and the builder is still the symbolic one.
+    import inductor_flex.block_mask as block_mask_module
+
+    def causal_or_sink(b, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) | (kv_idx < 8)
+
+    torch._dynamo.reset()
+    saved = block_mask_module._FUSED_DEVICE_TYPES, block_mask_module._fused_builders
+    block_mask_module._FUSED_DEVICE_TYPES = ("cpu",)
+    block_mask_module._fused_builders = type(saved[1])()
+    torch._dynamo.utils.counters.clear()
+    try:
+        for q_len, kv_len in ((256, 256), (640, 512), (1024, 896)):
+            got = create_block_mask(causal_or_sink, None, None, q_len, kv_len, device="cpu",
+                                    BLOCK_SIZE=(128, 64), _compile=True)
+            builder = block_mask_module._fused_builders.get(causal_or_sink.__code__)
+            assert builder is not None and not builder._static_lengths, f"{q_len}: the builder fell back"
+            expected = create_block_mask(causal_or_sink, None, None, q_len, kv_len, device="cpu",
+                                         BLOCK_SIZE=(128, 64))
+            for field in BlockMask._BLOCK_LIST_FIELDS:
+                assert torch.equal(getattr(got, field), getattr(expected, field)), (q_len, field)
+        # One compile for the first lengths, one with symbolic lengths for the other two.
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+    finally:
+        block_mask_module._FUSED_DEVICE_TYPES, block_mask_module._fused_builders = saved
+        torch._dynamo.reset()
+
+
+CASES = {f.__name__: f for f in (captured_ints_become_kernel_arguments, compiled_block_mask_builder_at_three_lengths,
                                   default_mask_dynamic_across_block_boundaries, gqa4_one_token_ragged, gqa5_four_tokens_causal_alibi,
                                   per_head_mask_sixteen_tokens_softcap, rows_that_see_nothing,
                                   split_kv_option)}

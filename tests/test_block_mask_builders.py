@@ -18,6 +18,7 @@ import torch._dynamo.testing
 import inductor_flex
 import inductor_flex.block_mask as block_mask_module
 import inductor_flex.masks._packed_blocks as document_module
+from inductor_flex._block_lists import dense_to_listed, dense_to_listed_by_sort
 from inductor_flex.block_mask import BlockMask, create_block_mask, create_mask
 from inductor_flex.masks import create_document_block_mask
 
@@ -159,6 +160,49 @@ def test_builder_that_fails_to_compile_falls_back_to_eager_slabs(monkeypatch, ca
     assert block_mask_module._fused_builders[window_by_head.__code__] is None  # not tried again
     assert_brute_force_layout(block_mask, window_by_head, None, 2, 150, 150, 32, 32)
     torch._dynamo.reset()
+
+
+def test_symbolic_compile_failure_retries_with_static_lengths(monkeypatch, caplog):
+    """A builder whose compile with symbolic lengths fails (issue 20: Inductor 2.11 on CUDA)
+    is compiled again with static lengths, at once, and serves every later length: never
+    the eager slabs for good."""
+    compiles = []
+
+    def no_symbolic_sizes(graph_module, example_inputs):
+        symbolic = any(isinstance(x, torch.SymInt) for x in example_inputs)
+        compiles.append(symbolic)
+        if symbolic:
+            raise RuntimeError("no code generation for symbolic sizes today")
+        return graph_module.forward
+
+    monkeypatch.setattr(block_mask_module, "_FUSED_DEVICE_TYPES", ("cpu",))
+    monkeypatch.setattr(block_mask_module, "_FUSED_BACKEND", no_symbolic_sizes)
+    monkeypatch.setattr(block_mask_module, "_fused_builders", type(block_mask_module._fused_builders)())
+    torch._dynamo.reset()
+    with caplog.at_level("DEBUG", logger="inductor_flex"):
+        for length in (256, 384, 300):
+            block_mask = create_block_mask(causal, None, None, length, length - 40, device=CPU, BLOCK_SIZE=64,
+                                           _compile=True)
+            assert_brute_force_layout(block_mask, causal, None, None, length, length - 40, 64, 64)
+            builder = block_mask_module._fused_builders[causal.__code__]
+            assert builder is not None
+    assert builder._static_lengths
+    assert compiles == [False, True, False, False], compiles  # the symbolic compile failed once
+    assert "again with static lengths" in caplog.text and "eager slabs" not in caplog.text
+    torch._dynamo.reset()
+
+
+def test_sorted_listing_equals_the_linear_partition():
+    """dense_to_listed_by_sort (compiled builders) lists what dense_to_listed does: every
+    True column in increasing order, then every False one, also on empty and full rows."""
+    gen = torch.Generator().manual_seed(5)
+    dense = torch.rand(2, 3, 7, 19, generator=gen) < 0.4
+    dense[0, 0, 0] = False
+    dense[0, 0, 1] = True
+    for matrix in (dense, dense.transpose(-2, -1), torch.zeros(1, 1, 3, 0, dtype=torch.bool)):
+        expected, got = dense_to_listed(matrix), dense_to_listed_by_sort(matrix)
+        for e, g in zip(expected, got):
+            assert g.dtype == torch.int32 and torch.equal(g, e)
 
 
 def test_recompile_limit_renews_the_builder(fused_on_cpu):

@@ -98,6 +98,28 @@ def test_compile_requested_for_small_masks_equals_cpu(device, q_len, kv_len, B, 
         assert_same_lists(expected, on_cpu(got))
 
 
+def test_compiled_builder_keeps_serving_across_lengths(device):
+    """Issue 20: with _compile=True, causal at S=8192 compiled, then S=32768 (Dynamo's
+    automatic dynamic shapes: lengths symbolic) failed in Inductor's scatter code generation
+    and the builder fell back to eager slabs for good. Several lengths, the symbolic compile
+    among them, must all be served by the builder with symbolic lengths (not the static
+    fallback) and equal the CPU lists."""
+    saved_builders = block_mask_module._fused_builders
+    block_mask_module._fused_builders = type(saved_builders)()
+    torch._dynamo.reset()
+    try:
+        for size in (8192, 32768, 20000, 16384):
+            got = create_block_mask(causal, None, None, size, size, device=device, _compile=True)
+            builder = block_mask_module._fused_builders.get(causal.__code__)
+            assert builder is not None, f"S={size}: the compiled builder gave up (eager slabs from now on)"
+            assert not builder._static_lengths, f"S={size}: the symbolic compile failed (static fallback)"
+            expected = create_block_mask(causal, None, None, size, size, device="cpu")
+            assert_same_lists(expected, on_cpu(got))
+    finally:
+        block_mask_module._fused_builders = saved_builders
+        torch._dynamo.reset()
+
+
 def test_compiled_builder_without_host_sync_and_without_recompiling(device):
     total = 8192
     counter = torch._dynamo.testing.CompileCounterWithBackend("inductor")
