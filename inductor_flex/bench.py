@@ -261,6 +261,16 @@ def pass_ms(pass_name, forward, inputs, grad_out, bench, device="cuda"):
     return forward_backward_ms(forward, inputs, grad_out, bench, device)
 
 
+def pass_first_call(pass_name, forward, inputs, grad_out, device="cuda", cold=False):
+    """``first_call`` of one pass run as ``pass_ms`` runs it: the forward without autograd
+    for fwd (a graph of its own under torch.compile), a forward and its gradients
+    otherwise, so the compiles the timing would hit happen here instead."""
+    if pass_name == "fwd":
+        with torch.no_grad():
+            return first_call(forward, device, cold)
+    return first_call(lambda: torch.autograd.grad(forward(), inputs, grad_out), device, cold)
+
+
 def triton_only(options):
     """``options`` with BACKEND="TRITON": our fused kernels only, never the vendor SDPA
     kernels that "AUTO" may pick for full / causal calls (the "ours (Triton only)" column)."""
@@ -409,10 +419,8 @@ def run_case(shape_name, shape, mask_name, passes, mode, baselines, bench, dtype
 
             progress(f"{tag}: {'running' if mode == 'eager' else 'compiling'} {lib}")
             try:
-                run_once = forward if pass_name == "fwd" else (
-                    lambda forward=forward: torch.autograd.grad(forward(), inputs, grad_out))
-                with torch.set_grad_enabled(pass_name != "fwd"):
-                    _, row[f"{lib}_compile_s"] = first_call(run_once, device, cold=mode != "eager")
+                _, row[f"{lib}_compile_s"] = pass_first_call(pass_name, forward, inputs, grad_out,
+                                                             device, cold=mode != "eager")
                 progress(f"{tag}: timing {lib}")
                 timed[lib] = pass_ms(pass_name, forward, inputs, grad_out, bench, device)
             except Exception as error:  # keep going: the other implementations still count

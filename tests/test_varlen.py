@@ -385,6 +385,46 @@ def test_inductor_lowers_to_our_flex_operators():
     assert_error_ratio(got, eager, golden, dtype)
 
 
+# Batches of a loop: each new offsets, token count (so 128-blocks: 2, 2, 4, 2), document
+# count and longest document. Every one has two or more documents and more than one block:
+# a single document or block is a size-1 dimension, which PyTorch specialises (one more
+# graph, once).
+LOOP_BATCHES = [[100, 60], [60, 40, 156], [300, 12, 44, 100], [5, 70, 83, 3, 40]]
+
+
+@pytest.mark.parametrize("passes", ["forward", "forward_backward"])
+def test_loop_over_new_batches_stops_compiling_after_the_second(passes):
+    """A loop over packed batches compiles twice (the first call's sizes, then a dynamic
+    graph) and never again: nothing in the graph pins T, the number of documents, their
+    offsets or max_q / max_k. Forward only (torch.no_grad(), an inference graph) and
+    forward + backward; every batch matches eager under the error-ratio rule."""
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(varlen_attn, backend=counter, fullgraph=True)
+    window = (-1, 0)
+    for number, lengths in enumerate(LOOP_BATCHES):
+        q, k, v, cu_q, cu_k = inputs(torch.float32, lengths=lengths, heads=2, seed=number)
+        grad_out = cotangent(q)
+        longest = max(lengths)
+
+        def attend(fn):
+            return lambda q, k, v: fn(q, k, v, cu_q, cu_k, longest, longest, window_size=window)
+
+        def golden_fn(q, k, v):
+            return reference(q, k, v, cu_q, cu_k, window=window)[0]
+
+        if passes == "forward":
+            with torch.no_grad():
+                got = {"out": attend(compiled)(q, k, v)}
+                eager = {"out": attend(varlen_attn)(q, k, v)}
+                golden = {"out": golden_fn(q.double(), k.double(), v.double())}
+        else:
+            got = run_with_grads(attend(compiled), q, k, v, grad_out)
+            eager = run_with_grads(attend(varlen_attn), q, k, v, grad_out)
+            golden = run_with_grads(golden_fn, q, k, v, grad_out, torch.float64)
+        assert counter.frame_count == min(number + 1, 2), f"batch {number}: {lengths}"
+        assert_error_ratio(got, eager, golden, torch.float32)
+
+
 # ---------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------

@@ -157,20 +157,16 @@ def _lazy_zeros(shape: Tuple[int, ...]) -> Tensor:
 
 
 def _run_rows(base: Tensor, width: int, n_cols: int, fix_start: Optional[Tensor] = None,
-              fix_count: Optional[Tensor] = None, fix_width: int = 0) -> Tensor:
+              fix_count: Optional[Tensor] = None) -> Tensor:
     """int32 ``[rows, width]``: slot c of row r is ``base[r] + c`` (capped at n_cols - 1),
-    except the first ``fix_count[r]`` slots, ``fix_start[r] + c``; ``fix_count`` never
-    exceeds ``fix_width``."""
-    ramp = torch.arange(n_cols, dtype=torch.int32, device=base.device)
-    capped = torch.cat([ramp, ramp.new_full((width,), n_cols - 1)])
-    # Row s of the unfolded view is capped[s : s + width]: gathering rows is one copy.
-    rows = torch.index_select(capped.unfold(0, width, 1), 0, base.clamp(0, n_cols))
-    fixed = min(fix_width, width)
-    if fix_count is None or fixed == 0:
+    except the first ``fix_count[r]`` slots, ``fix_start[r] + c``."""
+    # Arithmetic on the slot numbers rather than views of a ramp: unfold with a traced
+    # width would specialise the compiled graph on the token count.
+    slots = torch.arange(width, dtype=torch.int32, device=base.device)
+    rows = (base.clamp(0, n_cols).to(torch.int32)[:, None] + slots).clamp(max=n_cols - 1)
+    if fix_count is None:
         return rows
-    slots = ramp[:fixed]
-    head = torch.where(slots < fix_count[:, None], fix_start[:, None].to(torch.int32) + slots, rows[:, :fixed])
-    return torch.cat([head, rows[:, fixed:]], dim=1)
+    return torch.where(slots < fix_count[:, None], fix_start[:, None].to(torch.int32) + slots, rows)
 
 
 def _stack(tensors: List[Tensor]) -> Tensor:
@@ -178,16 +174,11 @@ def _stack(tensors: List[Tensor]) -> Tensor:
     return tensors[0][None, None] if len(tensors) == 1 else torch.stack(tensors)[:, None]
 
 
-def _side_lists(all_runs: List[_BlockRuns], n_cols: int, row_block: int, col_block: int,
-                whole_rows: bool, allow_full: bool) -> List[Optional[Tensor]]:
+def _side_lists(all_runs: List[_BlockRuns], n_cols: int, whole_rows: bool, allow_full: bool) -> List[Optional[Tensor]]:
     """num_blocks, indices, full_num_blocks, full_indices (``[packings, 1, ...]``; the full
     pair None unless ``allow_full``) of one side, from each packing's runs."""
-    # Partial blocks left of a full run: at most the columns one row block spans plus one,
-    # since within a document the rows' lower bounds differ by less than a row block.
-    left_width = -(-row_block // col_block) + 1
-
     def partial_rows(runs: _BlockRuns, width: int) -> Tensor:
-        return _run_rows(runs.first + runs.n_full, width, n_cols, runs.first, runs.n_left, left_width)
+        return _run_rows(runs.first + runs.n_full, width, n_cols, runs.first, runs.n_left)
 
     def full_rows(runs: _BlockRuns, width: int) -> Tensor:
         return _run_rows(runs.full_first, width, n_cols)
@@ -238,10 +229,10 @@ def packed_block_lists(packings: Sequence[Packing], q_len: int, kv_len: int,
                                       kv_block, q_block, right, left, allow_full))
     whole_rows = _writes_whole_rows(packings[0].q_offsets)
     n_q, n_kv = -(-q_len // q_block), -(-kv_len // kv_block)
-    kv_lists = _side_lists(kv_runs, n_kv, q_block, kv_block, whole_rows, allow_full)
+    kv_lists = _side_lists(kv_runs, n_kv, whole_rows, allow_full)
     if not transposed:
         return tuple(kv_lists) + (None,) * 4
-    return tuple(kv_lists + _side_lists(q_runs, n_q, kv_block, q_block, whole_rows, allow_full))
+    return tuple(kv_lists + _side_lists(q_runs, n_q, whole_rows, allow_full))
 
 
 def cu_seq_block_lists(cu_seq_q: Tensor, cu_seq_k: Tensor, q_len: int, kv_len: int,

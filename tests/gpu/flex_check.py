@@ -17,6 +17,7 @@ same size and only reordered float32 sums separate the two. It is 10 for float32
 errors are float32 rounding of differently ordered sums and exp2/log2 in place of exp/log.
 A wrong mask, index, scale or missing gradient term costs orders of magnitude more.
 """
+import contextlib
 import math
 import re
 
@@ -99,6 +100,20 @@ def compiled_code(fn, *args, **kwargs):
     from torch._inductor.utils import run_and_get_code
 
     return run_and_get_code(fn, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def generated_code():
+    """A list collecting the source of every graph Inductor compiles inside the block.
+    Unlike ``compiled_code`` (``run_and_get_code``) it does not reset Dynamo first, so a
+    loop that counts compiles can record each call's code."""
+    from unittest import mock
+
+    from torch._inductor.graph import GraphLowering
+
+    codes = []
+    with mock.patch.object(GraphLowering, "save_output_code", codes.append):
+        yield codes
 
 
 def kernel_sources(code):

@@ -11,7 +11,7 @@ from torch.testing import FileCheck
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # tests/, the reference
 
-from flex_check import compiled_code, kernel_sources  # noqa: E402
+from flex_check import compiled_code, generated_code, kernel_sources  # noqa: E402
 from inductor_flex.varlen import AuxRequest, varlen_attn  # noqa: E402
 from varlen_reference import (assert_error_ratio, cu_seq, mean_abs, packed, paged_cache,  # noqa: E402
                               reference, run_with_grads)
@@ -52,13 +52,15 @@ def check(device, dtype, window, enable_gqa=False, kv_heads=None, with_lse=False
     return codes
 
 
-def assert_fused_templates(codes):
+def assert_fused_templates(codes, passes=2):
+    """Our fused templates serve every pass (``passes``: 2, forward and backward; 1, the
+    forward alone), no extern call."""
     code = "\n".join(codes)
     assert "inductor_flex.dense" not in code, "an extern dense call served varlen_attn"
     assert "torch.ops.inductor_flex.varlen_attn" not in code
     templates = [name for source in codes for name in kernel_sources(source)
                  if name.startswith("triton_tem")]
-    assert len(templates) >= 2, templates  # forward and backward
+    assert len(templates) >= passes, templates
     FileCheck().check("triton_tem").check("@triton.jit").run(code)
 
 
@@ -98,6 +100,54 @@ def test_agrees_with_torch_varlen_attn(device):
         theirs = varlen.varlen_attn(q, k, v, cu_q, cu_k, longest, longest, is_causal=True)
     golden = reference(q.double(), k.double(), v.double(), cu_q, cu_k, window=(-1, 0))[0]
     assert mean_abs(ours, golden) <= 1.1 * mean_abs(theirs, golden) + 1e-7
+
+
+# Batches of a loop: new offsets, token count, document count and longest document each
+# (>= 2 documents and > 128 tokens: a size-1 dimension is specialised, one graph more).
+LOOP_BATCHES = [[512, 77, 1000, 1, 300, 128], [700, 300, 64, 1200], [2048, 5, 900],
+                [128, 128, 128, 128, 333], [1500, 40]]
+
+
+@pytest.mark.parametrize("passes", ["forward", "forward_backward"])
+def test_loop_over_new_batches_stops_compiling_after_the_second(device, passes):
+    """A loop over packed batches compiles twice (the first call's sizes, then a dynamic
+    graph) and never again; both graphs run our fused templates, forward only
+    (torch.no_grad(): an inference graph) and forward + backward; every batch matches the
+    float64 reference under the error-ratio rule."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    dtype, window = torch.bfloat16, (-1, 0)
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(varlen_attn, backend=counter, fullgraph=True)
+    for number, lengths in enumerate(LOOP_BATCHES):
+        q, k, v, cu_q, cu_k, grad_out = make(device, dtype, lengths=lengths)
+        longest = max(lengths)
+
+        def attend(fn):
+            return lambda q, k, v: fn(q, k, v, cu_q, cu_k, longest, longest, window_size=window)
+
+        def golden_fn(q, k, v):
+            return reference(q, k, v, cu_q, cu_k, window=window)[0]
+
+        with generated_code() as codes:  # compiled_code would reset Dynamo: a compile a call
+            if passes == "forward":
+                with torch.no_grad():
+                    got = {"out": attend(compiled)(q, k, v)}
+            else:
+                got = run_with_grads(attend(compiled), q, k, v, grad_out)
+        if passes == "forward":
+            with torch.no_grad():
+                eager = {"out": attend(varlen_attn)(q, k, v)}
+                golden = {"out": golden_fn(q.double(), k.double(), v.double())}
+        else:
+            eager = run_with_grads(attend(varlen_attn), q, k, v, grad_out)
+            golden = run_with_grads(golden_fn, q, k, v, grad_out, torch.float64)
+        assert counter.frame_count == min(number + 1, 2), f"batch {number}: {lengths}"
+        if number < 2:  # the calls that compiled: the code of each graph
+            assert_fused_templates(codes, passes=1 if passes == "forward" else 2)
+        else:
+            assert not codes, f"batch {number} generated code: it compiled again"
+        assert_error_ratio(got, eager, golden, dtype)
 
 
 # ---------------------------------------------------------------------------------------
