@@ -232,3 +232,21 @@ def host_reading_op_tags() -> tuple:
     failing to capture it. ``cudagraph_unsafe`` may be missing from older builds."""
     tag = getattr(torch.Tag, "cudagraph_unsafe", None)
     return (tag,) if tag is not None else ()
+
+
+def inductor_with_decompositions(extra: dict):
+    """A ``torch.compile`` backend: Inductor with ``extra`` (op -> function) added to the
+    decompositions AOTAutograd applies, for this compile only (``compile_fx``'s
+    ``decompositions`` argument, in 2.11 and 2.13). AOTAutograd's cache is off for it: its
+    key does not see the decompositions, so it would hand this compile another compile's
+    kernel of the same graph, or another compile this one's."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+    from torch._inductor.decomposition import select_decomp_table
+
+    def backend(graph_module, example_inputs):
+        with functorch_config.patch(enable_autograd_cache=False):
+            return compile_fx(graph_module, example_inputs,
+                              decompositions={**select_decomp_table(), **extra})
+
+    return backend

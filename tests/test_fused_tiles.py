@@ -5,6 +5,7 @@ kernels' results with them must equal those of the plain (vmap) path, and gradie
 including a captured buffer's, must satisfy the error-ratio rule against a float64
 reference: masks with partial and full blocks, rows that keep nothing, GQA, a score
 gradient that differs from the score_mod's own derivative, float32/bfloat16/float16.
+The kernels' own float32 tanh is checked against the exact one.
 """
 import math
 
@@ -166,3 +167,27 @@ def test_compiled_gradients_with_fused_tiles_match_float64(dtype):
         compiled_error = (got.double() - expected).abs().max().item()
         eager_error = (same_dtype.double() - expected).abs().max().item()
         assert compiled_error <= ratio * eager_error + 1e-6
+
+
+def test_tile_kernels_tanh_is_as_exact_as_tanh():
+    """The tile kernels' tanh (``_tanh_from_exp``, compiled as the kernels compile it) is
+    within 1.2 float32 epsilons of the exact tanh, keeps tanh's specials and the sign of
+    zero, and leaves other dtypes to Inductor's own tanh."""
+    from inductor_flex._compat import inductor_with_decompositions
+
+    tanh = torch.compile(torch.tanh, dynamic=True,
+                         backend=inductor_with_decompositions(fused_tiles._TILE_DECOMPOSITIONS))
+    magnitudes = torch.logspace(-30, 1.5, 20_001)
+    x = torch.cat([torch.linspace(-20.0, 20.0, 400_001), magnitudes, -magnitudes])
+    exact = torch.tanh(x.double())
+    got = tanh(x)
+    assert got.dtype == torch.float32
+    relative = ((got.double() - exact).abs() / exact.abs())[exact != 0]
+    assert relative.max().item() <= 1.2 * torch.finfo(torch.float32).eps
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf])
+    got = tanh(specials)
+    assert got.tolist() == [0.0, 0.0, 1.0, -1.0]
+    assert got.signbit().tolist() == [False, True, False, True]
+    assert tanh(torch.tensor([math.nan])).isnan().all()
+    assert fused_tiles._tanh_from_exp(x.double()) is NotImplemented
+    assert fused_tiles._tanh_from_exp(x.half()) is NotImplemented

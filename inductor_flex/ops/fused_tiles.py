@@ -30,6 +30,7 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .._compat import inductor_with_decompositions
 from .._mods import score_gradient_grid, score_mod_grid
 
 log = logging.getLogger("inductor_flex")
@@ -132,13 +133,37 @@ def _own_code_copy(function: Callable) -> Callable:
                               function.__name__, function.__defaults__, function.__closure__)
 
 
+def _tanh_from_exp(x: Tensor):
+    """float32 tanh in a handful of vector instructions (the Cephes recipe): an odd
+    polynomial below |x| = 0.625, ``1 - 2 / (exp(2|x|) + 1)`` above (no cancellation
+    there: the fraction is below 0.45). Relative error at most 1.2 float32 epsilons
+    (the C++ backend's vector tanh, Sleef's: 1.0) at about half the cost: that tanh was
+    most of a softcap tile's time (docs/kernels.md, CPU section). NaN, the infinities and
+    the sign of zero come out as tanh's. Other dtypes keep Inductor's tanh."""
+    if x.dtype != torch.float32:
+        return NotImplemented
+    magnitude = x.abs()
+    square = x * x
+    odd_series = ((((-5.70498872745e-3 * square + 2.06390887954e-2) * square
+                    - 5.37397155531e-2) * square + 1.33314422036e-1) * square
+                  - 3.33332819422e-1) * square * x + x
+    from_exp = 1.0 - 2.0 / (torch.exp(2.0 * magnitude) + 1.0)
+    return torch.where(magnitude < 0.625, odd_series, from_exp).copysign(x)
+
+
+# Inductor's decompositions for the tile kernels only, not for the user's other compiles.
+_TILE_DECOMPOSITIONS = {torch.ops.aten.tanh.default: _tanh_from_exp}
+
+
 class _CompiledOnce:
-    """``torch.compile`` of ``function`` (dynamic shapes), or None for good after one failure."""
+    """``torch.compile`` of ``function`` (dynamic shapes, the tile decompositions), or None
+    for good after one failure."""
 
     def __init__(self, function: Callable, what: str):
         self.what = what
         self.failed = False
-        self.compiled = torch.compile(_own_code_copy(function), dynamic=True, fullgraph=True)
+        self.compiled = torch.compile(_own_code_copy(function), dynamic=True, fullgraph=True,
+                                      backend=inductor_with_decompositions(_TILE_DECOMPOSITIONS))
 
     def __call__(self, *args):
         if self.failed:
