@@ -90,10 +90,13 @@ class VendorCall:
     v_head_dim: int
     same_kv_batch: bool
     equal_lengths: bool
+    same_heads: bool = True  # no GQA
+    backward: bool = False
 
 
 def declined_reason(call: VendorCall) -> Optional[str]:
-    """Why no vendor computes this call exactly, or None when one may."""
+    """Why no vendor computes this call exactly (or, for the backward, as exactly as our
+    kernel), or None when one may."""
     if call.pattern not in PATTERNS:
         return "the block mask has no proven full / causal pattern"
     if call.pattern == _mask_patterns.CAUSAL and not call.equal_lengths:
@@ -110,6 +113,11 @@ def declined_reason(call: VendorCall) -> Optional[str]:
         return f"head dim {call.qk_head_dim}: no vendor takes it"
     if not call.same_kv_batch:
         return "key/value batch broadcasts: the vendors need the query's"
+    if call.backward and not call.same_heads:
+        # Measured on the H200 (cuDNN 9.19): with GQA the vendor's dK / dV sum the group's
+        # heads after rounding each to the input dtype, 1.2x our eager error against the
+        # float64 golden; our kernel accumulates the group in float32.
+        return "GQA: the vendor backwards round each head's dK / dV before the group sum"
     return None
 
 
@@ -313,7 +321,8 @@ def _sizevars():
     return V.graph.sizevars
 
 
-def _qualify(query, key, value, score_mod, block_mask, scale, kernel_options, buffers, mods):
+def _qualify(query, key, value, score_mod, block_mask, scale, kernel_options, buffers, mods,
+             backward: bool):
     """``(problem, pattern, vendors)`` for a qualifying call; ``Declined`` otherwise."""
     import sympy
 
@@ -337,7 +346,8 @@ def _qualify(query, key, value, score_mod, block_mask, scale, kernel_options, bu
         num_buffers=len(buffers), dtype=problem.dtype, qk_head_dim=problem.qk_head_dim,
         v_head_dim=problem.v_head_dim,
         same_kv_batch=known_true(sympy.Eq(problem.kv_batch, problem.batch)),
-        equal_lengths=known_true(sympy.Eq(problem.q_len, problem.kv_len)))
+        equal_lengths=known_true(sympy.Eq(problem.q_len, problem.kv_len)),
+        same_heads=known_true(sympy.Eq(problem.q_heads, problem.kv_heads)), backward=backward)
     reason = declined_reason(call)
     if reason is not None:
         raise Declined(reason)
@@ -365,7 +375,7 @@ def lower_forward_vendor(query, key, value, score_mod, block_mask, scale, kernel
 
     buffers = list(score_mod_other_buffers) + list(mask_mod_other_buffers)
     problem, is_causal, vendors = _qualify(query, key, value, score_mod, block_mask, scale,
-                                           kernel_options, buffers, (score_mod,))
+                                           kernel_options, buffers, (score_mod,), backward=False)
     options = PassOptions(kernel_options, FORWARD)
     if output_used(2, options.flag("OUTPUT_MAX", True)):
         raise Declined("max_scores is read: no vendor returns it")
@@ -424,24 +434,17 @@ def _unread_max_scores(problem, device):
 def lower_backward_vendor(query, key, value, out, logsumexp, grad_out, grad_logsumexp,
                           fw_graph, joint_graph, block_mask, scale, kernel_options,
                           score_mod_other_buffers=(), mask_mod_other_buffers=()):
-    """The backward through a vendor kernel (``Declined`` as for the forward, and when the
-    lse reached the loss)."""
-    import sympy
-
+    """The backward through a vendor kernel (``Declined`` as for the forward, with GQA, and
+    when the lse reached the loss)."""
     from .backward import lower_backward
-    from .common import known_true
     from .dispatch import Declined
 
     buffers = list(score_mod_other_buffers) + list(mask_mod_other_buffers)
     problem, is_causal, vendors = _qualify(query, key, value, fw_graph, block_mask, scale,
-                                           kernel_options, buffers, (fw_graph, joint_graph))
+                                           kernel_options, buffers, (fw_graph, joint_graph),
+                                           backward=True)
     if grad_logsumexp is not None:
         raise Declined("the lse reached the loss: the vendor backwards take no lse gradient")
-    if not known_true(sympy.Eq(problem.q_heads, problem.kv_heads)):
-        # Measured on the H200 (cuDNN 9.19): with GQA the vendor's dK / dV sum the group's
-        # heads after rounding each to the input dtype, 1.2x our eager error against the
-        # float64 golden; our kernel accumulates the group in float32.
-        raise Declined("GQA: the vendor backwards round each head's dK / dV before the group sum")
     if grad_out.get_dtype() != problem.dtype:
         raise Declined(f"grad_out dtype {grad_out.get_dtype()} is not the inputs' {problem.dtype}")
     query, key, value, out, grad_out = _require_layouts((query, key, value, out, grad_out))

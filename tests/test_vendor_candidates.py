@@ -198,6 +198,8 @@ def _call(**changes):
     ({"qk_head_dim": 60, "v_head_dim": 60}, "head dim 60: no vendor"),
     ({"qk_head_dim": 512, "v_head_dim": 512}, "head dim 512: no vendor"),
     ({"same_kv_batch": False}, "batch broadcasts"),
+    ({"same_heads": False}, None),
+    ({"same_heads": False, "backward": True}, "GQA: the vendor backwards"),
 ])
 def test_declined_reasons(changes, reason):
     got = vendor.declined_reason(_call(**changes))
