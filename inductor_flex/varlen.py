@@ -69,17 +69,30 @@ def _in_window(keep, kv_from_end, q_from_end, left: int, right: int):
     return keep
 
 
-def _document_keep(q_idx, kv_idx, q_doc, kv_doc, q_end, kv_end, left: int, right: int,
-                   bounded_kv: bool):
-    """Same document, inside the window around the bottom-right diagonal, and (with
-    ``bounded_kv``, i.e. seqused_k) a used key."""
-    keep = _at(q_doc, q_idx) == _at(kv_doc, kv_idx)
-    if left >= 0 or right >= 0 or bounded_kv:
-        kv_from_end = kv_idx - _at(kv_end, kv_idx)
-        keep = _in_window(keep, kv_from_end, q_idx - _at(q_end, q_idx), left, right)
-        if bounded_kv:
-            keep = keep & (kv_from_end < 0)
-    return keep
+def _visible_keys(cu_seq_q: Tensor, cu_seq_k: Tensor, q_len: int, left: int, right: int,
+                  used_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """``(first, last)``: per query token, the inclusive range of key positions it sees.
+    Its document's keys (the used ones with ``used_k``), cut to the window around the
+    bottom-right diagonal; ``first > last`` when it sees none. One range per query makes
+    the element mask two loads on the query side, none per key."""
+    q_layout = packed_layout(cu_seq_q, q_len)
+    cu_seq_k = cu_seq_k.to(torch.int32)
+    kv_first = _at(cu_seq_k, q_layout.doc)
+    kv_end = (_at(cu_seq_k, q_layout.doc + 1) if used_k is None
+              else kv_first + _at(used_k.to(torch.int32), q_layout.doc))
+    first, last = kv_first, kv_end - 1
+    if left >= 0 or right >= 0:
+        positions = torch.arange(q_len, dtype=torch.int32, device=cu_seq_q.device)
+        diagonal = positions - q_layout.end + kv_end  # the key level with this query
+        if left >= 0:
+            first = torch.maximum(first, diagonal - left)
+        if right >= 0:
+            last = torch.minimum(last, diagonal + right)
+    return first, last
+
+
+def _in_range(q_idx, kv_idx, first, last):
+    return (kv_idx >= _at(first, q_idx)) & (kv_idx <= _at(last, q_idx))
 
 
 def _paged_keep(q_idx, kv_idx, q_doc, q_end, physical_to_logical, used_k, page_size: int,
@@ -94,13 +107,9 @@ def _paged_keep(q_idx, kv_idx, q_doc, q_end, physical_to_logical, used_k, page_s
     return keep, logical
 
 
-def _mask_mod_on_buffers(left: int, right: int, bounded_kv: bool) -> Callable:
-    """mask_mod taking the layout tensors as explicit buffers (what the operators carry)."""
-    def varlen_document_mask(b, h, q_idx, kv_idx, q_doc, kv_doc, q_end, kv_end):
-        return _document_keep(q_idx, kv_idx, q_doc, kv_doc, q_end, kv_end, left, right,
-                              bounded_kv)
-
-    return varlen_document_mask
+def varlen_document_mask(b, h, q_idx, kv_idx, first, last):
+    """The element mask of a varlen call, on the ``_visible_keys`` tables as buffers."""
+    return _in_range(q_idx, kv_idx, first, last)
 
 
 def _paged_mask_mod_on_buffers(left: int, right: int, page_size: int) -> Callable:
@@ -183,14 +192,12 @@ def _packed(query, key, value, cu_seq_q, cu_seq_k, window_left, window_right,
         return _paged(query, key, value, cu_seq_q, window_left, window_right, seqused_k,
                       block_table)
     q_len, kv_len = query.shape[0], key.shape[0]
-    q_layout = packed_layout(cu_seq_q, q_len)
-    kv_layout = packed_layout(cu_seq_k, kv_len, seqused_k)
     lists = cu_seq_block_lists(cu_seq_q, cu_seq_k, q_len, kv_len, (window_left, window_right),
                                seqused_k, _BLOCK)
-    mask_mod = _mask_mod_on_buffers(window_left, window_right, seqused_k is not None)
-    block_mask = (q_len, kv_len, *lists, *_BLOCK, mask_mod)
+    block_mask = (q_len, kv_len, *lists, *_BLOCK, varlen_document_mask)
     views = [t.unsqueeze(0).transpose(1, 2) for t in (query, key, value)]
-    return _Packed(*views, block_mask, (q_layout.doc, kv_layout.doc, q_layout.end, kv_layout.end))
+    return _Packed(*views, block_mask, _visible_keys(cu_seq_q, cu_seq_k, q_len, window_left,
+                                                     window_right, seqused_k))
 
 
 def _unpack(out: Tensor) -> Tensor:
@@ -455,11 +462,10 @@ def _attend_with_mods(query, key, value, cu_seq_q, cu_seq_k, scale, window, sequ
                                allow_full=mask_mod is None)
     q_local = torch.arange(q_len, dtype=torch.int32, device=query.device) - q_layout.start
     kv_local = torch.arange(kv_len, dtype=torch.int32, device=query.device) - kv_layout.start
-    bounded_kv = seqused_k is not None
+    first, last = _visible_keys(cu_seq_q, cu_seq_k, q_len, left, right, seqused_k)
 
     def varlen_mask(b, h, q_idx, kv_idx):
-        keep = _document_keep(q_idx, kv_idx, q_layout.doc, kv_layout.doc, q_layout.end,
-                              kv_layout.end, left, right, bounded_kv)
+        keep = _in_range(q_idx, kv_idx, first, last)
         if mask_mod is not None:
             keep = keep & mask_mod(b, h, _at(q_local, q_idx), _at(kv_local, kv_idx))
         return keep
