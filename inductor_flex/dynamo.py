@@ -175,13 +175,9 @@ class InductorFlexAttentionVariable(_hop_variables.TorchHigherOrderOperatorVaria
             field: _as_proxy(_specialized(item) if field in _SPECIALIZED_FIELDS else item)
             for field, item in block_mask_items._asdict().items() if field != "mask_mod"},
             mask_mod=mask_mod_node)
-        kernel_options = bound["kernel_options"]
-        if kernel_options.is_python_constant():
-            kernel_options_arg = kernel_options.as_python_constant()
-            if kernel_options_arg is None:
-                kernel_options_arg = {}
-        else:
-            kernel_options_arg = _as_proxy(kernel_options)
+        kernel_options_arg = _constant_options(bound["kernel_options"])
+        if kernel_options_arg is None:
+            kernel_options_arg = _as_proxy(bound["kernel_options"])
 
         node_args = (
             _as_proxy(bound["query"]),
@@ -302,6 +298,27 @@ def _specialized(variable):
     if isinstance(variable, SymNodeVariable):
         return ConstantVariable.create(variable.evaluate_expr())
     return variable
+
+
+def _constant_options(variable):
+    """kernel_options as a plain dict, or None when an entry is not a constant. An int that
+    Dynamo made symbolic (it changed between calls) is specialised: options pick kernels
+    and launch shapes, so each value must be known when the kernel is generated."""
+    from torch._dynamo.variables import ConstDictVariable
+
+    if hasattr(variable, "realize"):
+        variable = variable.realize()
+    if variable.is_python_constant():
+        return variable.as_python_constant() or {}
+    if not isinstance(variable, ConstDictVariable):
+        return None
+    options = {}
+    for key, value in variable.items.items():
+        key, value = _specialized(key.vt), _specialized(value)
+        if not (key.is_python_constant() and value.is_python_constant()):
+            return None
+        options[key.as_python_constant()] = value.as_python_constant()
+    return options
 
 
 def _as_proxy(variable):

@@ -185,6 +185,20 @@ def test_captured_graph_has_one_node_with_subgraphs_and_buffers():
     assert_close_to_reference(out, q, k, v, score_mod, mask_mod)
 
 
+def test_kernel_options_stay_constants_when_a_value_changes_between_calls():
+    # Dynamo makes an int that changed between calls symbolic; a kernel option must reach the
+    # operator as a plain int (it picks the kernel and its launch), one graph per value.
+    recorder = GraphRecorder()
+    compiled = torch.compile(flex_attention, backend=recorder)
+    q, k, v = make_qkv()
+    for splits in (2, 3, 4):
+        out = compiled(q, k, v, kernel_options={"SPLIT_KV": splits})
+        assert_close_to_reference(out, q, k, v, None, None)
+    options = [flex_nodes(gm)[0].args[6] for gm in recorder.graphs]
+    assert [o["SPLIT_KV"] for o in options] == [2, 3, 4]
+    assert all(type(o["SPLIT_KV"]) is int for o in options)
+
+
 def test_given_buffers_come_before_lifted_ones():
     given = torch.randn(H)
     closed_over = torch.randn(M)
