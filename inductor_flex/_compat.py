@@ -1,4 +1,6 @@
 """Every difference between the torch versions we support (>= 2.11) lives here."""
+import contextlib
+
 import torch
 
 # --- Dynamo capture rule (inductor_flex/dynamo.py) -------------------------------------
@@ -163,7 +165,19 @@ def dynamo_raise_on_recompile_limit():
     config = torch._dynamo.config
     if config.suppress_errors or not hasattr(config, "fail_on_recompile_limit_hit"):
         return contextlib.nullcontext()
-    return config.patch(fail_on_recompile_limit_hit=True)
+    return _config_set(config, "fail_on_recompile_limit_hit", True)
+
+
+@contextlib.contextmanager
+def _config_set(config, name: str, value):
+    # A plain set and restore: config.patch builds a patcher object per call (~50 us), and
+    # create_block_mask enters this once per mask.
+    saved = getattr(config, name)
+    setattr(config, name, value)
+    try:
+        yield
+    finally:
+        setattr(config, name, saved)
 
 
 def is_recompile_limit_error(error: BaseException) -> bool:

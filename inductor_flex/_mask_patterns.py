@@ -16,6 +16,7 @@ as often as without the tag). Block counts are never consulted.
 lowering reads that key directly (not through the ``FWD_``/``BWD_`` prefixed reader), and
 users cannot set it.
 """
+import functools
 from typing import Callable, Optional
 
 import torch
@@ -33,12 +34,18 @@ def traces_to_causal(mask_mod: Callable) -> bool:
     ``return q_idx >= kv_idx`` (or ``return kv_idx <= q_idx``), read from its bytecode. The mod
     is never called (a side-effecting mod runs exactly as often as without the tag), and
     anything else, even an equivalent spelling, is simply not proven."""
+    import inspect
+
+    return inspect.isfunction(mask_mod) and _code_is_causal(mask_mod.__code__)
+
+
+@functools.lru_cache(maxsize=256)
+def _code_is_causal(code) -> bool:
+    """``traces_to_causal`` on a code object (the answer depends on nothing else, so each
+    mask_mod's bytecode is read once, not at every create_block_mask)."""
     import dis
     import inspect
 
-    if not inspect.isfunction(mask_mod):
-        return False
-    code = mask_mod.__code__
     if code.co_argcount != 4 or code.co_flags & (inspect.CO_VARARGS | inspect.CO_VARKEYWORDS):
         return False
     q_name, kv_name = code.co_varnames[2], code.co_varnames[3]
