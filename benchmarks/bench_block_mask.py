@@ -33,7 +33,7 @@ every row is printed ("row: ...") as soon as it is measured, so a run cut short 
 limit still leaves its numbers; the tables follow at the end.
 
 Usage: python benchmarks/bench_block_mask.py [--device cpu|cuda] [--quick] [--smoke] [--threads N]
-       [--row-budget S]
+       [--row-budget S] [--sections causal,document,ratio]
 """
 import argparse
 import json
@@ -218,7 +218,7 @@ def _document_ids_on(lengths: torch.Tensor, device: str) -> torch.Tensor:
     return torch.repeat_interleave(torch.arange(len(lengths), dtype=torch.int32), lengths).to(device)
 
 
-def run_cuda(smoke: bool, quick: bool) -> list:
+def run_cuda(smoke: bool, quick: bool, sections=("causal", "document")) -> list:
     """Every CUDA row (dicts: case, tokens, implementation, first_s, ms, peak_extra_mb or note)."""
     from torch.nn.attention import flex_attention as torch_flex
 
@@ -229,6 +229,8 @@ def run_cuda(smoke: bool, quick: bool) -> list:
     repeats = 3 if smoke else 10
     causal_sizes = [1024, 4096] if smoke else [8192, 32768] + ([] if quick else [131072])
     document_sizes = [8192] if smoke else [1 << 16, ONE_M]
+    causal_sizes = causal_sizes if "causal" in sections else []
+    document_sizes = document_sizes if "document" in sections else []
     table = []
     print("row: mask | tokens | implementation | first (s) | median (ms) | peak extra (MB) | ratio", flush=True)
     # PyTorch _compile=True first: the other rows' ratios are to it, printed as they come.
@@ -329,6 +331,8 @@ def main() -> None:
                         help="CUDA: seconds of timed calls per row; rows predicted to exceed it are skipped")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads for the measured calls (default: torch's)")
+    parser.add_argument("--sections", default="causal,document,ratio",
+                        help="CUDA: comma list of the tables to run (causal, document, ratio)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
@@ -341,8 +345,9 @@ def main() -> None:
         if not torch.cuda.is_available():
             sys.exit("--device cuda, but torch.cuda.is_available() is False")
         CUDA_ROW_BUDGET_S = args.row_budget
-        table = run_cuda(args.smoke, args.quick)
-        ratios = attention_ratio_rows(args.smoke)
+        sections = args.sections.split(",")
+        table = run_cuda(args.smoke, args.quick, sections)
+        ratios = attention_ratio_rows(args.smoke) if "ratio" in sections else []
         print_cuda(table, ratios)
         if args.json:
             with open(args.json, "w") as f:

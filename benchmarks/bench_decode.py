@@ -5,7 +5,8 @@ For each shape (issue #18) it times, with ``triton.testing.do_bench`` (median):
 
 - ``ours``:   ``torch.compile(inductor_flex.flex_attention)`` (the dispatcher's choice,
               which is the split-KV decode kernel for these query lengths),
-- ``fwd``:    ours with ``FORCE_USE_FLEX_ATTENTION`` (the fused forward: the before),
+- ``fwd``:    ours with ``BACKEND="TRITON"`` (only the fused kernels: the fused
+              forward: the before; without TRITON a dense call would go to the vendor),
 - ``pt``:     ``torch.compile(torch.nn.attention.flex_attention.flex_attention)``,
 - ``sdpa``:   ``F.scaled_dot_product_attention(..., enable_gqa=True)``, SDPA's own pick
               (dense: it sees no block sparsity; for the sliding-window row it reads the
@@ -107,7 +108,7 @@ def run_shape(name, shape, args, rows, report):
     candidates = {
         "ours": lambda: ours(q, k, v, block_mask=ours_mask, enable_gqa=True),
         "fwd": lambda: forward_only(q, k, v, block_mask=ours_mask, enable_gqa=True,
-                                    kernel_options={"FORCE_USE_FLEX_ATTENTION": True}),
+                                    kernel_options={"BACKEND": "TRITON"}),
         "pt": lambda: pt(q, k, v, block_mask=torch_mask, enable_gqa=True),
         # SDPA decodes densely: the whole cache, with the window as a dense mask if any.
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=True),
@@ -130,7 +131,12 @@ def run_shape(name, shape, args, rows, report):
                 error = (out.float() - reference.float()).abs().max().item()
                 if error > 3e-2:
                     raise AssertionError(f"max error {error:.3g} against SDPA")
-                ms = bench_ms(fn, warmup=25, rep=args.rep)
+                if args.cudagraph:  # GPU time only: how a serving loop replays a step
+                    import triton
+
+                    ms = triton.testing.do_bench_cudagraph(fn, rep=args.rep)
+                else:
+                    ms = bench_ms(fn, warmup=25, rep=args.rep)
             # SDPA reads the whole cache whatever the mask.
             read = k.numel() * k.element_size() * 2 if impl == "sdpa" else bytes_read
             row[f"{impl}_ms"] = ms
@@ -159,6 +165,8 @@ def main(argv=None) -> int:
     parser.add_argument("--paged", action="store_true", help="add the PagedAttention column")
     parser.add_argument("--rep", type=int, default=200, help="do_bench rep (ms)")
     parser.add_argument("--json", default=None, help="write every number here")
+    parser.add_argument("--cudagraph", action="store_true",
+                        help="time each call replayed from a CUDA graph (no launch overhead)")
     parser.add_argument("--sweep", default="[]",
                         help='JSON list of kernel_options for extra "ours" columns, e.g. '
                              '\'[{"SPLIT_KV": 128}, {"BLOCK_N": 128}]\' (tuning the split count)')
@@ -184,7 +192,8 @@ def main(argv=None) -> int:
              + [fmt(r, "sdpa_time_over_ours", ".2f"), fmt(r, "pt_time_over_ours", ".2f")]
              for r in rows]
     print(f"\n{torch.cuda.get_device_name()}, torch {torch.__version__}; GB/s of K/V read "
-          f"(listed blocks; SDPA: the whole cache)")
+          f"(listed blocks; SDPA: the whole cache)"
+          + ("; CUDA-graph replay" if args.cudagraph else "; launches included"))
     print_markdown(headers, table)
     if args.json:
         with open(args.json, "w") as f:
