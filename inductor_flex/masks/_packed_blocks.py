@@ -161,12 +161,25 @@ def _run_rows(base: Tensor, width: int, n_cols: int, fix_start: Optional[Tensor]
     """int32 ``[rows, width]``: slot c of row r is ``base[r] + c`` (capped at n_cols - 1),
     except the first ``fix_count[r]`` slots, ``fix_start[r] + c``."""
     # Arithmetic on the slot numbers rather than views of a ramp: unfold with a traced
-    # width would specialise the compiled graph on the token count.
+    # width would specialise the compiled graph on the token count. Every step after the
+    # first writes the result in place, with per-row and per-slot operands only: no
+    # temporary of the result's size (at 1M tokens each is 256 MiB).
+    # Traced (compiled graphs, Inductor decompositions) the steps stay functional: there
+    # the elementwise chain is fused into one kernel anyway.
+    in_place = type(base) is Tensor and not torch.compiler.is_compiling()
     slots = torch.arange(width, dtype=torch.int32, device=base.device)
-    rows = (base.clamp(0, n_cols).to(torch.int32)[:, None] + slots).clamp(max=n_cols - 1)
+    base = base.clamp(0, n_cols).to(torch.int32)[:, None]
     if fix_count is None:
-        return rows
-    return torch.where(slots < fix_count[:, None], fix_start[:, None].to(torch.int32) + slots, rows)
+        rows = base + slots
+    else:
+        # fix_start[r] + c + (base[r] - fix_start[r]) * [c >= fix_count[r]]
+        fix_start = fix_start.to(torch.int32)[:, None]
+        rows = (slots + 1) - fix_count.to(torch.int32)[:, None]
+        if in_place:
+            rows.clamp_(0, 1).mul_(base - fix_start).add_(fix_start).add_(slots)
+        else:
+            rows = rows.clamp(0, 1) * (base - fix_start) + fix_start + slots
+    return rows.clamp_(max=n_cols - 1) if in_place else rows.clamp(max=n_cols - 1)
 
 
 def _stack(tensors: List[Tensor]) -> Tensor:
