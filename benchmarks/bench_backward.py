@@ -47,10 +47,10 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from inductor_flex.bench import (
-    BACKWARD_WORK, DENSE_MASK_MAX_ELEMENTS, FORWARD_BACKWARD_WORK, MASKS, MODES, SHAPES,
+    BACKWARD_WORK, best_sdpa, DENSE_MASK_MAX_ELEMENTS, FORWARD_BACKWARD_WORK, MASKS, MODES, SHAPES,
     allow_retained_backward, backward_ms, bench_ms, causal, cell, compile_flex, first_call,
     forward_backward_ms, forward_flops, free_device_memory, leaf_inputs, log, make_case,
-    one_line, print_markdown, ratio_to_best_sdpa, sdpa_forwards, triton_only)
+    one_line, paired_ratio, print_markdown, ratio_to_best_sdpa, sdpa_forwards, triton_only)
 
 MEMORY_SHAPE = dict(B=1, H=16, S=32768, D=128)
 GRAD_NAMES = ("out", "dq", "dk", "dv")
@@ -65,7 +65,7 @@ def measure_library(flex, block_mask, options, score_mod, inputs, grad_out, mode
     """Compile ``flex`` in ``mode`` and time it.
 
     Returns (compile seconds, backward ms, forward+backward ms, first-call
-    (out, dq, dk, dv) detached, or None unless ``keep_results``)."""
+    (out, dq, dk, dv) detached, or None unless ``keep_results``, the compiled forward)."""
     compiled = compile_flex(flex, mode)
     q, k, v = inputs
 
@@ -82,7 +82,7 @@ def measure_library(flex, block_mask, options, score_mod, inputs, grad_out, mode
     first = tuple(t.detach() for t in first) if keep_results else None
     bwd_ms = backward_ms(forward, inputs, grad_out, bench)
     fwd_bwd_ms = forward_backward_ms(forward, inputs, grad_out, bench)
-    return compile_s, bwd_ms, fwd_bwd_ms, first
+    return compile_s, bwd_ms, fwd_bwd_ms, first, forward
 
 
 def compare(ours, reference):
@@ -93,7 +93,7 @@ def compare(ours, reference):
 
 
 def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_options=None,
-             device="cuda", triton_column=False):
+             device="cuda", triton_column=False, rounds=0):
     """Every measurement of one shape and mask, as a dict of numbers (and error strings)."""
     import inductor_flex
     from torch.nn.attention import flex_attention as torch_flex
@@ -113,6 +113,7 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
     if "pt" in baselines:
         libraries.append(("pt", torch_flex, None))
     block_masks = {}
+    forwards = {}  # the last mode's compiled forwards (Dynamo resets between modes) and SDPA's
     for mode in modes:
         torch._dynamo.reset()
         firsts = {}
@@ -122,7 +123,7 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
                 if module not in block_masks:
                     block_masks[module] = None if mask_mod is None else module.create_block_mask(
                         mask_mod, None, None, S, S, device=device)
-                compile_s, bwd_ms, fwd_bwd_ms, first = measure_library(
+                compile_s, bwd_ms, fwd_bwd_ms, first, forwards[lib] = measure_library(
                     module.flex_attention, block_masks[module], options, score_mod, inputs, grad_out,
                     mode, bench, keep_results=check)
             except Exception as error:  # keep going: the other library's numbers still count
@@ -158,6 +159,7 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
         for name, forward in sdpa_forwards(mask_name, score_mod, dense, *inputs).items():
             try:
                 ms = backward_ms(forward, inputs, grad_out, bench)
+                forwards[f"sdpa_{name}"] = forward
             except Exception as error:
                 row[f"sdpa_{name}_error"] = one_line(error)
                 log(f"{tag} sdpa {name} failed: {one_line(error)}")
@@ -170,6 +172,12 @@ def run_case(shape_name, mask_name, modes, baselines, bench, check=True, ours_op
         ratio = ratio_to_best_sdpa(row, f"ours_{mode}_bwd_tflops", "sdpa_{}_bwd_tflops")
         if ratio is not None:
             row[f"ours_{mode}_vs_best_sdpa"] = ratio
+    best = best_sdpa(row, "sdpa_{}_bwd_tflops")
+    if rounds and best and "ours" in forwards:
+        ours, sdpa = forwards["ours"], forwards[f"sdpa_{best}"]
+        row["ours_vs_best_sdpa_paired"] = paired_ratio(
+            lambda: backward_ms(ours, inputs, grad_out, bench),
+            lambda: backward_ms(sdpa, inputs, grad_out, bench), rounds)
     return row
 
 
@@ -247,7 +255,7 @@ def print_case_table(results, modes, triton_column=False):
         headers += [f"{tag}auto / best SDPA bwd", f"{tag}pt bwd TF", f"{tag}ratio",
                     f"{tag}ours fwd+bwd TF", f"{tag}pt fwd+bwd TF", f"{tag}ratio",
                     f"{tag}compile s ours/pt", f"{tag}grad diff"]
-    headers += ["cuDNN bwd TF", "flash bwd TF", "dense bwd TF"]
+    headers += ["auto / best SDPA bwd, paired", "cuDNN bwd TF", "flash bwd TF", "dense bwd TF"]
     rows = []
     for r in results:
         line = [r["shape"], r["mask"]]
@@ -268,6 +276,7 @@ def print_case_table(results, modes, triton_column=False):
                 f"{cell(r, f'pt_{mode}_compile_s', '.1f', pt)}",
                 cell(r, f"grad_maxdiff_{mode}", ".2g", ours + pt),
             ]
+        line += [cell(r, "ours_vs_best_sdpa_paired", ".3f")]
         line += [cell(r, f"sdpa_{name}_bwd_tflops", error_keys=(f"sdpa_{name}_error",))
                  for name in ("cudnn", "flash", "dense")]
         rows.append(line)
@@ -315,6 +324,9 @@ def parse_args(argv=None):
     parser.add_argument("--triton-column", action="store_true",
                         help='also time ours with BACKEND="TRITON" (never the vendor SDPA kernels) '
                              'next to ours (auto)')
+    parser.add_argument("--paired-rounds", type=int, default=0,
+                        help="also time the backward of ours (auto, the last mode) and of the faster "
+                             "SDPA backend back to back this many rounds: the median ratio")
     parser.add_argument("--warmup", type=float, default=25, help="do_bench warmup, ms")
     parser.add_argument("--rep", type=float, default=100, help="do_bench repetition time, ms")
     args = parser.parse_args(argv)
@@ -362,7 +374,7 @@ def main(argv=None):
             try:
                 row = run_case(shape, mask, args.modes, args.baselines, bench,
                                check=not args.no_check, ours_options=args.ours_options,
-                               triton_column=args.triton_column)
+                               triton_column=args.triton_column, rounds=args.paired_rounds)
             except Exception as error:  # keep going: one failure should not lose the table
                 log(f"{shape} {mask} failed: {one_line(error)}")
                 row = dict(shape=shape, mask=mask, error=one_line(error))

@@ -25,8 +25,8 @@ import sys
 import torch
 
 from inductor_flex.bench import (
-    MASKS, MODES, SHAPES, bench_ms, compile_flex, first_call, forward_flops, leaf_inputs, make_case,
-    print_markdown, ratio_to_best_sdpa, sdpa_forwards, triton_only)
+    MASKS, MODES, SHAPES, bench_ms, best_sdpa, compile_flex, first_call, forward_flops, leaf_inputs,
+    make_case, paired_ratio, print_markdown, ratio_to_best_sdpa, sdpa_forwards, triton_only)
 
 
 def bench(fn):
@@ -34,7 +34,7 @@ def bench(fn):
 
 
 def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_options=None,
-             triton_column=False):
+             triton_column=False, rounds=0):
     import inductor_flex
     from torch.nn.attention import flex_attention as torch_flex
 
@@ -52,6 +52,7 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
         torch_mask = torch_flex.create_block_mask(mask_mod, None, None, S, S, device=device)
 
     reference = None
+    calls = {}  # the last mode's compiled calls (Dynamo resets between modes) and SDPA's
     for mode in modes:
         torch._dynamo.reset()
         libraries = [("ours", inductor_flex.flex_attention, ours_mask, ours_options)]
@@ -68,6 +69,7 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
                                 kernel_options=options)
 
             out, seconds = first_call(call, cold=mode != "eager")
+            calls[lib] = call
             ms = bench(call)
             row[f"{lib}_{mode}_ms"] = ms
             row[f"{lib}_{mode}_tflops"] = flops / ms / 1e9
@@ -85,11 +87,18 @@ def run_case(shape_name, mask_name, modes, baselines, results, check=True, ours_
         for name, call in sdpa_forwards(mask_name, score_mod, dense, q, k, v).items():
             try:
                 call()
+                calls[f"sdpa_{name}"] = call
                 row[f"sdpa_{name}_tflops"] = flops / bench(call) / 1e9
             except RuntimeError as error:
                 row[f"sdpa_{name}_error"] = str(error).splitlines()[0]
     for mode in modes:
         row[f"ours_{mode}_vs_best_sdpa"] = ratio_to_best_sdpa(row, f"ours_{mode}_tflops", "sdpa_{}_tflops")
+    best = best_sdpa(row, "sdpa_{}_tflops")
+    if rounds and best and "ours" in calls:
+        ours_call, sdpa_call = calls["ours"], calls[f"sdpa_{best}"]
+        with torch.no_grad():
+            row["ours_vs_best_sdpa_paired"] = paired_ratio(
+                lambda: bench(ours_call), lambda: bench(sdpa_call), rounds)
     results.append(row)
     print(json.dumps(row), flush=True)
     del q, k, v, dense
@@ -112,7 +121,7 @@ def print_table(results, modes, triton_column=False):
         tag = "" if mode == "default" else "MA "
         headers += [f"{tag}ours (auto) TF"] + ([f"{tag}ours (Triton only) TF"] if triton_column else [])
         headers += [f"{tag}pt TF", f"{tag}ratio", f"{tag}compile s ours/pt", f"{tag}auto / best SDPA"]
-    headers += ["cuDNN TF", "flash TF", "dense TF"]
+    headers += ["auto / best SDPA, paired", "cuDNN TF", "flash TF", "dense TF"]
     rows = []
     for r in results:
         line = [r["shape"], r["mask"]]
@@ -126,8 +135,8 @@ def print_table(results, modes, triton_column=False):
                 f"{_fmt(r.get(f'ours_{mode}_compile_s'), 1)}/{_fmt(r.get(f'pt_{mode}_compile_s'), 1)}",
                 _fmt(r.get(f"ours_{mode}_vs_best_sdpa"), 2),
             ]
-        line += [_fmt(r.get("sdpa_cudnn_tflops")), _fmt(r.get("sdpa_flash_tflops")),
-                 _fmt(r.get("sdpa_dense_tflops"))]
+        line += [_fmt(r.get("ours_vs_best_sdpa_paired"), 3), _fmt(r.get("sdpa_cudnn_tflops")),
+                 _fmt(r.get("sdpa_flash_tflops")), _fmt(r.get("sdpa_dense_tflops"))]
         rows.append(line)
     print_markdown(headers, rows)
 
@@ -183,6 +192,9 @@ def main(argv=None):
     parser.add_argument("--triton-column", action="store_true",
                         help='also time ours with BACKEND="TRITON" (never the vendor SDPA kernels) '
                              'next to ours (auto)')
+    parser.add_argument("--paired-rounds", type=int, default=0,
+                        help="also time ours (auto, the last mode) and the faster SDPA backend back "
+                             "to back this many rounds: the median ratio (same-kernel calls compare fairly)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("bench_forward.py needs a CUDA GPU")
@@ -197,7 +209,7 @@ def main(argv=None):
             try:
                 run_case(shape, mask, modes, baselines, results, check=not args.no_check,
                          ours_options=json.loads(args.ours_options) if args.ours_options else None,
-                         triton_column=args.triton_column)
+                         triton_column=args.triton_column, rounds=args.paired_rounds)
             except Exception as error:  # keep going: one failure should not lose the table
                 print(f"# {shape} {mask} failed: {type(error).__name__}: {error}", flush=True)
                 results.append(dict(shape=shape, mask=mask, error=str(error)[:200]))

@@ -285,6 +285,30 @@ def ratio_to_best_sdpa(row, ours_key, sdpa_key_format):
     return ours / best if ours and best else None
 
 
+def paired_ratio(measure_ours, measure_theirs, rounds: int) -> float:
+    """Median over ``rounds`` of theirs / ours milliseconds (``measure_*()`` returns one
+    timing), the two timed back to back in each round, which one first alternating. Two
+    calls that run the same kernel (ours through a vendor, and SDPA) then compare under
+    the same clocks and temperature instead of each under those of its own moment."""
+    import statistics
+
+    ratios = []
+    for index in range(rounds):
+        if index % 2:
+            theirs, ours = measure_theirs(), measure_ours()
+        else:
+            ours, theirs = measure_ours(), measure_theirs()
+        ratios.append(theirs / ours)
+    return statistics.median(ratios)
+
+
+def best_sdpa(row, sdpa_key_format):
+    """The name (cudnn / flash) of the faster SDPA backend in ``row``, or None."""
+    timed = {name: row.get(sdpa_key_format.format(name)) for name in ("cudnn", "flash")}
+    timed = {name: value for name, value in timed.items() if value}
+    return max(timed, key=timed.get) if timed else None
+
+
 def compile_flex(flex, mode):
     """``flex`` under ``torch.compile`` in compile mode ``mode`` (a MODES name), or as is for eager."""
     return flex if MODES[mode] is None else torch.compile(flex, mode=MODES[mode])

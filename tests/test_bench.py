@@ -120,3 +120,23 @@ def test_decode_benchmark_pieces():
     row = dict(ours_GBps=1234.5, pt_error="boom")
     assert (decode.fmt(row, "ours_GBps", ".0f"), decode.fmt(row, "pt_GBps", ".0f"),
             decode.fmt(row, "sdpa_GBps", ".0f")) == ("1234", "err", "-")
+
+
+def test_paired_ratio_alternates_the_order_and_takes_the_median():
+    # A clock that slows down with every timing: the call timed second in a round reads
+    # longer, so a ratio from one fixed order would be biased; alternating cancels it.
+    order, clock = [], iter(range(100, 200))
+
+    def timing(name, base):
+        def measure():
+            order.append(name)
+            return base * next(clock) / 100
+        return measure
+
+    ratio = bench.paired_ratio(timing("ours", 2.0), timing("theirs", 2.0), rounds=4)
+    assert order == ["ours", "theirs", "theirs", "ours"] * 2
+    assert ratio == pytest.approx(1.0, abs=0.011)  # same kernel: ratios 1.01, 0.99, ... median ~1
+    assert bench.paired_ratio(lambda: 1.0, lambda: 1.5, rounds=3) == 1.5
+    assert bench.best_sdpa({"sdpa_cudnn_tflops": 400.0, "sdpa_flash_tflops": 300.0}, "sdpa_{}_tflops") == "cudnn"
+    assert bench.best_sdpa({"sdpa_flash_tflops": 300.0}, "sdpa_{}_tflops") == "flash"
+    assert bench.best_sdpa({}, "sdpa_{}_tflops") is None
