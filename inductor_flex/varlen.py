@@ -69,20 +69,20 @@ def _in_window(keep, kv_from_end, q_from_end, left: int, right: int):
     return keep
 
 
-def _visible_keys(cu_seq_q: Tensor, cu_seq_k: Tensor, q_len: int, left: int, right: int,
+def _visible_keys(q_layout, cu_seq_k: Tensor, left: int, right: int,
                   used_k: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
     """``(first, last)``: per query token, the inclusive range of key positions it sees.
     Its document's keys (the used ones with ``used_k``), cut to the window around the
     bottom-right diagonal; ``first > last`` when it sees none. One range per query makes
-    the element mask two loads on the query side, none per key."""
-    q_layout = packed_layout(cu_seq_q, q_len)
+    the element mask two loads on the query side, none per key. ``q_layout``: the
+    queries' ``packed_layout``."""
     cu_seq_k = cu_seq_k.to(torch.int32)
     kv_first = _at(cu_seq_k, q_layout.doc)
     kv_end = (_at(cu_seq_k, q_layout.doc + 1) if used_k is None
               else kv_first + _at(used_k.to(torch.int32), q_layout.doc))
     first, last = kv_first, kv_end - 1
     if left >= 0 or right >= 0:
-        positions = torch.arange(q_len, dtype=torch.int32, device=cu_seq_q.device)
+        positions = torch.arange(q_layout.doc.shape[0], dtype=torch.int32, device=cu_seq_k.device)
         diagonal = positions - q_layout.end + kv_end  # the key level with this query
         if left >= 0:
             first = torch.maximum(first, diagonal - left)
@@ -196,8 +196,8 @@ def _packed(query, key, value, cu_seq_q, cu_seq_k, window_left, window_right,
                                seqused_k, _BLOCK)
     block_mask = (q_len, kv_len, *lists, *_BLOCK, varlen_document_mask)
     views = [t.unsqueeze(0).transpose(1, 2) for t in (query, key, value)]
-    return _Packed(*views, block_mask, _visible_keys(cu_seq_q, cu_seq_k, q_len, window_left,
-                                                     window_right, seqused_k))
+    return _Packed(*views, block_mask, _visible_keys(packed_layout(cu_seq_q, q_len), cu_seq_k,
+                                                     window_left, window_right, seqused_k))
 
 
 def _unpack(out: Tensor) -> Tensor:
@@ -462,7 +462,7 @@ def _attend_with_mods(query, key, value, cu_seq_q, cu_seq_k, scale, window, sequ
                                allow_full=mask_mod is None)
     q_local = torch.arange(q_len, dtype=torch.int32, device=query.device) - q_layout.start
     kv_local = torch.arange(kv_len, dtype=torch.int32, device=query.device) - kv_layout.start
-    first, last = _visible_keys(cu_seq_q, cu_seq_k, q_len, left, right, seqused_k)
+    first, last = _visible_keys(q_layout, cu_seq_k, left, right, seqused_k)
 
     def varlen_mask(b, h, q_idx, kv_idx):
         keep = _in_range(q_idx, kv_idx, first, last)
