@@ -115,7 +115,8 @@ def or_masks(*mask_mods: _mask_mod_signature) -> _mask_mod_signature:
 def _required_positional_count(fn: Callable) -> Optional[int]:
     """How many positional parameters without a default ``fn`` takes; None if unknowable
     (no signature, or ``*args``)."""
-    if inspect.isfunction(fn):  # read off the code object: inspect.signature costs ~50 us
+    if inspect.isfunction(fn) and not hasattr(fn, "__wrapped__"):
+        # Read off the code object: inspect.signature costs ~50 us (and follows __wrapped__).
         code = fn.__code__
         if code.co_flags & inspect.CO_VARARGS:
             return None

@@ -803,3 +803,28 @@ def test_block_mask_module_loads_without_torch_flex_attention():
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "4"
+
+
+def test_arity_read_off_the_code_object_agrees_with_inspect():
+    # The fast path (plain functions, no __wrapped__) must count exactly as inspect.signature.
+    import functools
+    import inspect
+
+    def by_signature(fn):
+        parameters = inspect.signature(fn).parameters.values()
+        if any(p.kind == p.VAR_POSITIONAL for p in parameters):
+            return None
+        return sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+                   for p in parameters)
+
+    def four(b, h, q_idx, kv_idx):
+        return q_idx >= kv_idx
+
+    @functools.wraps(four)
+    def wrapped(*args, **kwargs):
+        return four(*args, **kwargs)
+
+    cases = [four, lambda b, h, q, kv=0: q, lambda b, /, h, q, kv, *, extra: q, lambda *args: 0,
+             lambda b, h, q, kv, **kwargs: q, wrapped, functools.partial(lambda x, b, h, q, kv: q, 0)]
+    counts = [block_mask_module._required_positional_count(fn) for fn in cases]
+    assert counts == [by_signature(fn) for fn in cases] == [4, 3, 4, None, 4, 4, 4]
