@@ -36,7 +36,7 @@ from torch import Tensor
 from torch.utils import _pytree as pytree
 
 from . import _compat, _mask_patterns
-from ._block_lists import dense_to_listed, dense_to_listed_by_sort, listed_to_dense, transpose_listed
+from ._block_lists import dense_to_listed, dense_to_listed_by_search, listed_to_dense, transpose_listed
 from ._mods import mask_mod_grid, score_mod_grid
 
 __all__ = [
@@ -1058,7 +1058,7 @@ def _ordered_block_lists(partial: Tensor, full: Optional[Tensor],
                          listed: Callable = dense_to_listed) -> List[Optional[Tensor]]:
     """The eight block lists, in the operator's order, of bool block matrices
     ``[b, h, n_q, n_kv]`` (``full`` None: no full blocks, those lists None), each listed
-    by ``listed`` (``dense_to_listed`` or, in compiled code, ``dense_to_listed_by_sort``)."""
+    by ``listed`` (``dense_to_listed`` or, in compiled code, ``dense_to_listed_by_search``)."""
 
     def ordered(dense: Optional[Tensor]) -> List[Optional[Tensor]]:
         return [None, None] if dense is None else list(listed(dense))
@@ -1073,7 +1073,7 @@ def _block_lists_of_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block: int, kv_block: 
     tensor ops: what a compiled function traces, and what the compiled builder compiles."""
     any_visible, all_visible = _classify_whole_grid(mask_mod, B, H, Q_LEN, KV_LEN, q_block, kv_block, device)
     return _ordered_block_lists(*_partial_and_full(any_visible, all_visible, separate_full),
-                                listed=dense_to_listed_by_sort)
+                                listed=dense_to_listed_by_search)
 
 
 # --------------------------------------------------------------------------------------

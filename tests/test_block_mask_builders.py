@@ -18,7 +18,7 @@ import torch._dynamo.testing
 import inductor_flex
 import inductor_flex.block_mask as block_mask_module
 import inductor_flex.masks._packed_blocks as document_module
-from inductor_flex._block_lists import dense_to_listed, dense_to_listed_by_sort
+from inductor_flex._block_lists import dense_to_listed, dense_to_listed_by_search
 from inductor_flex.block_mask import BlockMask, create_block_mask, create_mask
 from inductor_flex.masks import create_document_block_mask
 
@@ -192,15 +192,15 @@ def test_symbolic_compile_failure_retries_with_static_lengths(monkeypatch, caplo
     torch._dynamo.reset()
 
 
-def test_sorted_listing_equals_the_linear_partition():
-    """dense_to_listed_by_sort (compiled builders) lists what dense_to_listed does: every
+def test_searched_listing_equals_the_linear_partition():
+    """dense_to_listed_by_search (compiled builders) lists what dense_to_listed does: every
     True column in increasing order, then every False one, also on empty and full rows."""
     gen = torch.Generator().manual_seed(5)
     dense = torch.rand(2, 3, 7, 19, generator=gen) < 0.4
     dense[0, 0, 0] = False
     dense[0, 0, 1] = True
     for matrix in (dense, dense.transpose(-2, -1), torch.zeros(1, 1, 3, 0, dtype=torch.bool)):
-        expected, got = dense_to_listed(matrix), dense_to_listed_by_sort(matrix)
+        expected, got = dense_to_listed(matrix), dense_to_listed_by_search(matrix)
         for e, g in zip(expected, got):
             assert g.dtype == torch.int32 and torch.equal(g, e)
 
