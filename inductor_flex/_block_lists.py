@@ -53,10 +53,15 @@ def dense_to_listed_by_search(dense: Tensor) -> Tuple[Tensor, Tensor]:
     listed_count = marked.cumsum(-1, dtype=torch.int32)
     unlisted_count = (1 - marked).cumsum(-1, dtype=torch.int32)
     num_blocks = marked.sum(-1, dtype=torch.int32)
+    row_count = num_blocks.unsqueeze(-1)
     slot = torch.arange(dense.shape[-1], dtype=torch.int32, device=dense.device).expand(dense.shape)
-    listed = torch.searchsorted(listed_count, slot + 1, out_int32=True)
-    unlisted = torch.searchsorted(unlisted_count, slot + 1 - num_blocks.unsqueeze(-1), out_int32=True)
-    indices = torch.where(slot < num_blocks.unsqueeze(-1), listed, unlisted)
+    # Both searched values read the row's count, so they vary along rows and columns alike:
+    # Inductor 2.11's search helper sizes its loop state by the values' tile, and a value
+    # that is constant along rows (``slot + 1``) fails Triton's loop-carried type check
+    # once the tile spans rows. Clamping to the count changes no slot that is used.
+    listed = torch.searchsorted(listed_count, torch.minimum(slot + 1, row_count), out_int32=True)
+    unlisted = torch.searchsorted(unlisted_count, slot + 1 - row_count, out_int32=True)
+    indices = torch.where(slot < row_count, listed, unlisted)
     return num_blocks, indices
 
 

@@ -161,9 +161,10 @@ def default_vendor(capability: Tuple[int, int], dtype: torch.dtype, head_dim: in
 # The aten ops: direct calls (timing) and graph nodes (emission)
 # ---------------------------------------------------------------------------------------
 
-def _forward_args(vendor: str, query, key, value, is_causal: bool, scale: float):
-    if vendor == "cudnn":
-        return (query, key, value, None, True, 0.0, is_causal, False), {"scale": scale}
+def _forward_args(vendor: str, query, key, value, is_causal: bool, scale: float,
+                  with_lse: bool = True):
+    if vendor == "cudnn":  # the only one that can skip the lse (flash always writes it)
+        return (query, key, value, None, with_lse, 0.0, is_causal, False), {"scale": scale}
     return (query, key, value, 0.0, is_causal, False), {"scale": scale}
 
 
@@ -220,10 +221,16 @@ def _fallback(op, *args, **kwargs):
     return fallback_handler(op, add_to_fallback_set=False)(*args, **kwargs)
 
 
-def emit_forward(vendor: str, query, key, value, is_causal: bool, scale: float):
-    """``(out, lse)`` of the vendor's forward as graph nodes, lse in our layout."""
-    args, kwargs = _forward_args(vendor, query, key, value, is_causal, scale)
+def emit_forward(vendor: str, query, key, value, is_causal: bool, scale: float,
+                 lse_unread=None):
+    """``(out, lse)`` of the vendor's forward as graph nodes, lse in our layout; when
+    nothing reads the lse, ``lse_unread`` (a fill) stands in for it and cuDNN skips it, as
+    SDPA does for inference."""
+    args, kwargs = _forward_args(vendor, query, key, value, is_causal, scale,
+                                 with_lse=lse_unread is None)
     outputs = _fallback(forward_op(vendor), *args, **kwargs)
+    if lse_unread is not None:
+        return outputs[0], lse_unread
     helpers = _ir_helpers()
     lse = lse_to_ours(vendor, outputs[1], squeeze=helpers["squeeze"], multiply=helpers["multiply"])
     return outputs[0], lse
@@ -379,12 +386,15 @@ def lower_forward_vendor(query, key, value, score_mod, block_mask, scale, kernel
     options = PassOptions(kernel_options, FORWARD)
     if output_used(2, options.flag("OUTPUT_MAX", True)):
         raise Declined("max_scores is read: no vendor returns it")
+    lse_read = output_used(1, True)
     query, key, value = _require_layouts((query, key, value))
     pick = default_vendor(problem.capability, problem.dtype, problem.qk_head_dim, backward=False)
 
     def emit(vendor):
-        out, lse = emit_forward(vendor, query, key, value, is_causal, problem.scale)
-        return out, lse, _unread_max_scores(problem, query.get_device())
+        device = query.get_device()
+        out, lse = emit_forward(vendor, query, key, value, is_causal, problem.scale,
+                                lse_unread=None if lse_read else _unread_row_stat(problem, device))
+        return out, lse, _unread_row_stat(problem, device)
 
     return _vendor_or_timed(
         problem, pick, vendors, False, is_causal, emit,
@@ -423,8 +433,9 @@ def _vendor_or_timed(problem, pick, vendors, backward: bool, is_causal: bool, em
     return ("vendor", won) if won else ("ours", outputs)
 
 
-def _unread_max_scores(problem, device):
-    """max_scores when nobody reads it (checked above): a fill that dead-code elimination drops."""
+def _unread_row_stat(problem, device):
+    """A per-row output (lse, max_scores) that nobody reads (checked by the caller): a fill
+    that dead-code elimination drops."""
     from torch._inductor.lowering import full
 
     return full([problem.batch, problem.q_heads, problem.q_len], float("nan"),

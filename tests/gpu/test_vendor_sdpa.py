@@ -11,7 +11,7 @@ from torch._inductor.utils import run_and_get_code
 
 from inductor_flex import AuxRequest, create_block_mask, flex_attention
 from inductor_flex.lowering import vendor
-from flex_check import check_against_golden, check_grads_against_golden, forward_backward, qkv
+from flex_check import FACTOR, check_against_golden, check_grads_against_golden, forward_backward, qkv
 
 pytestmark = pytest.mark.vendor
 
@@ -185,3 +185,35 @@ def test_lse_is_ours_in_layout_and_base(device):
     assert vendor_aux.lse.shape == our_aux.lse.shape == (2, 4, 512)
     assert vendor_aux.lse.is_contiguous()
     torch.testing.assert_close(vendor_aux.lse, our_aux.lse, atol=1e-3, rtol=0)
+
+
+def cudnn_forward_lse_flags(code):
+    """The compute_log_sumexp argument of each cuDNN forward call in generated code."""
+    # (query, key, value, attn_bias=None, compute_log_sumexp, dropout_p=0.0, ...)
+    return re.findall(r"aten\._scaled_dot_product_cudnn_attention\.default\(.*?None, (True|False), 0\.0,",
+                      code)
+
+
+@pytest.mark.parametrize("pattern", ["full", "causal"])
+def test_inference_without_lse_asks_cudnn_for_none(device, pattern):
+    """As SDPA does for inference, cuDNN skips the lse when nothing reads it; when the lse
+    is returned, it is computed, and both outputs match our kernel's."""
+    if expected_vendor(device, torch.bfloat16, 128) != "cudnn":
+        pytest.skip("the measured rule does not pick cuDNN on this GPU")
+    q, k, v = qkv(device, torch.bfloat16, B=2, Hq=4, M=512, E=128)
+    kwargs = mask_kwargs(pattern, 512, device)
+    with torch.no_grad():
+        out, codes = run_and_get_code(torch.compile(flex_attention), q, k, v, **kwargs)
+        assert cudnn_forward_lse_flags(codes[0]) == ["False"], codes[0]
+        torch._dynamo.reset()
+        (out_lse, aux), codes = run_and_get_code(torch.compile(flex_attention), q, k, v,
+                                                 return_aux=AuxRequest(lse=True), **kwargs)
+        assert cudnn_forward_lse_flags(codes[0]) == ["True"], codes[0]
+        torch._dynamo.reset()
+        ours, our_aux = torch.compile(flex_attention)(q, k, v, return_aux=AuxRequest(lse=True),
+                                                      kernel_options={"BACKEND": "TRITON"}, **kwargs)
+    torch.testing.assert_close(aux.lse, our_aux.lse, atol=1e-3, rtol=0)
+    golden = flex_attention(q.double(), k.double(), v.double(), **kwargs)
+    eager_error = (flex_attention(q, k, v, **kwargs).double() - golden).abs().mean()
+    for compiled_out in (out, out_lse):
+        assert (compiled_out.double() - golden).abs().mean() <= FACTOR[q.dtype] * eager_error
