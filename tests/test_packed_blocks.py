@@ -92,3 +92,22 @@ def test_trusted_offsets_that_end_early_stay_in_range():
     assert layout.doc.tolist() == [0, 0, 0, 1, 1, 1, 1, 1]
     assert layout.start.tolist() == [0, 0, 0, 3, 3, 3, 3, 3]
     assert layout.end.tolist() == [3, 3, 3, 5, 5, 5, 5, 5]
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_left_partial_runs_stay_within_the_static_bound(monkeypatch, seed):
+    """The eager lists patch only the first ``max_left`` slots of each row (the bound
+    comes from the block sizes and the window alone): every row's left run fits."""
+    seen = []
+    run_rows = packed_blocks._run_rows
+
+    def recording(base, width, n_cols, fix_start=None, fix_count=None, max_fix=0):
+        if fix_count is not None:
+            seen.append((int(fix_count.max()) if fix_count.numel() else 0, max_fix))
+        return run_rows(base, width, n_cols, fix_start, fix_count, max_fix)
+
+    monkeypatch.setattr(packed_blocks, "_run_rows", recording)
+    lq, lk, used, window, block_size = _random_case(seed)
+    cu_seq_block_lists(cu_seq(lq), cu_seq(lk), sum(lq), sum(lk), window,
+                       None if used is None else torch.tensor(used, dtype=torch.int32), block_size)
+    assert all(longest <= bound for longest, bound in seen), seen

@@ -64,13 +64,15 @@ class Packing(NamedTuple):
 class _BlockRuns(NamedTuple):
     """Per row block, its listed column blocks as runs: partial blocks are
     ``[first, first + n_left)`` then ``[first + n_left + n_full, first + n_partial + n_full)``;
-    full blocks are ``[full_first, full_first + n_full)``."""
+    full blocks are ``[full_first, full_first + n_full)``. ``max_left`` bounds ``n_left``
+    from the block sizes alone."""
 
     first: Tensor
     n_left: Tensor
     n_partial: Tensor
     n_full: Tensor
     full_first: Tensor
+    max_left: int
 
 
 def _block_runs(row_offsets: Tensor, row_end: Tensor, col_start: Tensor, col_end: Tensor,
@@ -118,7 +120,7 @@ def _block_runs(row_offsets: Tensor, row_end: Tensor, col_start: Tensor, col_end
     n_visible = torch.where(has_rows, hi(last_row, last_doc) // col_block - first + 1, 0).clamp(min=0)
     if not allow_full:
         zeros = torch.zeros_like(first)
-        return _BlockRuns(first, zeros, n_visible, zeros, zeros)
+        return _BlockRuns(first, zeros, n_visible, zeros, zeros, 0)
     one_document = has_rows & (first_row == block_first) & (last_row == block_last) & (first_doc == last_doc)
     # A column block is full when all its existing columns lie inside the intersection.
     common_lo, common_hi = lo(block_last, first_doc), hi(block_first, first_doc)
@@ -128,7 +130,11 @@ def _block_runs(row_offsets: Tensor, row_end: Tensor, col_start: Tensor, col_end
     n_full = torch.where(one_document, full_last - full_first + 1, 0).clamp(min=0)
     has_full = n_full > 0
     n_left = torch.where(has_full, full_first - first, 0)
-    return _BlockRuns(first, n_left, n_visible - n_full, n_full, torch.where(has_full, full_first, 0))
+    # The union starts at lo(block_first), the full run at ceil(lo(block_last) / col_block);
+    # lo rises by at most row_block - 1 over the block, and not at all without a lower cut.
+    max_left = 1 if below < 0 else -(-(row_block + col_block - 2) // col_block)
+    return _BlockRuns(first, n_left, n_visible - n_full, n_full, torch.where(has_full, full_first, 0),
+                      max_left)
 
 
 # A million tokens give [8192, 8192] index lists, 1 GiB for the four of them, of which a
@@ -157,16 +163,14 @@ def _lazy_zeros(shape: Tuple[int, ...]) -> Tensor:
 
 
 def _run_rows(base: Tensor, width: int, n_cols: int, fix_start: Optional[Tensor] = None,
-              fix_count: Optional[Tensor] = None) -> Tensor:
+              fix_count: Optional[Tensor] = None, max_fix: int = 0) -> Tensor:
     """int32 ``[rows, width]``: slot c of row r is ``base[r] + c`` (capped at n_cols - 1),
-    except the first ``fix_count[r]`` slots, ``fix_start[r] + c``."""
-    # Arithmetic on the slot numbers rather than views of a ramp: unfold with a traced
-    # width would specialise the compiled graph on the token count. Every step after the
-    # first writes the result in place, with per-row and per-slot operands only: no
-    # temporary of the result's size (at 1M tokens each is 256 MiB).
-    # Traced (compiled graphs, Inductor decompositions) the steps stay functional: there
-    # the elementwise chain is fused into one kernel anyway.
-    in_place = type(base) is Tensor and not torch.compiler.is_compiling()
+    except the first ``fix_count[r]`` slots (at most ``max_fix``), ``fix_start[r] + c``."""
+    if type(base) is Tensor and not torch.compiler.is_compiling():
+        return _run_rows_by_lookup(base, width, n_cols, fix_start, fix_count, max_fix)
+    # Traced (compiled graphs, Inductor decompositions): arithmetic on the slot numbers,
+    # functional, which Inductor fuses into one kernel. Views of a ramp (the eager form)
+    # would specialise the graph on the token count through unfold's traced width.
     slots = torch.arange(width, dtype=torch.int32, device=base.device)
     base = base.clamp(0, n_cols).to(torch.int32)[:, None]
     if fix_count is None:
@@ -174,12 +178,30 @@ def _run_rows(base: Tensor, width: int, n_cols: int, fix_start: Optional[Tensor]
     else:
         # fix_start[r] + c + (base[r] - fix_start[r]) * [c >= fix_count[r]]
         fix_start = fix_start.to(torch.int32)[:, None]
-        rows = (slots + 1) - fix_count.to(torch.int32)[:, None]
-        if in_place:
-            rows.clamp_(0, 1).mul_(base - fix_start).add_(fix_start).add_(slots)
-        else:
-            rows = rows.clamp(0, 1) * (base - fix_start) + fix_start + slots
-    return rows.clamp_(max=n_cols - 1) if in_place else rows.clamp(max=n_cols - 1)
+        step = ((slots + 1) - fix_count.to(torch.int32)[:, None]).clamp(0, 1)
+        rows = step * (base - fix_start) + fix_start + slots
+    return rows.clamp(max=n_cols - 1)
+
+
+def _run_rows_by_lookup(base: Tensor, width: int, n_cols: int, fix_start: Optional[Tensor],
+                        fix_count: Optional[Tensor], max_fix: int) -> Tensor:
+    """``_run_rows`` eagerly: each row is one window of a capped ramp, so the result is
+    written once (at a million tokens each list is 256 MiB; an elementwise chain passes
+    over it five times) and no temporary of its size exists. Only the first ``max_fix``
+    slots are patched afterwards."""
+    n_rows = base.shape[0]
+    if width == 0 or n_cols == 0:
+        return torch.zeros(n_rows, width, dtype=torch.int32, device=base.device)
+    ramp = torch.arange(n_cols + width, dtype=torch.int32, device=base.device).clamp_(max=n_cols - 1)
+    windows = ramp.unfold(0, width, 1)  # [n_cols + 1, width]: row s is s, s + 1, ... capped
+    rows = windows[base.clamp(0, n_cols).long()]
+    head_width = min(max_fix, width) if fix_count is not None else 0
+    if head_width:
+        head = rows[:, :head_width]
+        fixed = windows[:, :head_width][fix_start.clamp(0, n_cols).long()]
+        slots = torch.arange(head_width, device=base.device)
+        head.copy_(torch.where(slots < fix_count[:, None], fixed, head))
+    return rows
 
 
 def _stack(tensors: List[Tensor]) -> Tensor:
@@ -191,7 +213,7 @@ def _side_lists(all_runs: List[_BlockRuns], n_cols: int, whole_rows: bool, allow
     """num_blocks, indices, full_num_blocks, full_indices (``[packings, 1, ...]``; the full
     pair None unless ``allow_full``) of one side, from each packing's runs."""
     def partial_rows(runs: _BlockRuns, width: int) -> Tensor:
-        return _run_rows(runs.first + runs.n_full, width, n_cols, runs.first, runs.n_left)
+        return _run_rows(runs.first + runs.n_full, width, n_cols, runs.first, runs.n_left, runs.max_left)
 
     def full_rows(runs: _BlockRuns, width: int) -> Tensor:
         return _run_rows(runs.full_first, width, n_cols)
